@@ -1,0 +1,40 @@
+# orbit: make install | demo | test | bench | lint
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+# The torch build this project is tested with (served from local disk on our machines).
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+RUN    ?= runs/demo
+
+.PHONY: install demo test bench lint format clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet $(TORCH_SPEC)
+	$(PIP) install --quiet -e '.[all]'
+	$(PIP) check
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/orbit run --run $(RUN) --overwrite
+
+test: install
+	$(PY) -m pytest -q
+
+bench: install
+	$(PY) benchmarks/run_all.py
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -1,0 +1,12 @@
+"""`orbit build` (placeholder until its issue lands)."""
+
+from __future__ import annotations
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("build", help="Not implemented yet.")
+    def _cmd() -> None:
+        print("orbit build: not implemented yet")
+        raise typer.Exit(2)
