@@ -1,0 +1,21 @@
+"""kserve, imported without letting it read our command line.
+
+kserve.model_server runs an argparse parser over sys.argv at import time, so `orbit serve
+--workers 2` (or pytest's flags) would leak into its module-level defaults. Every serve module
+imports kserve through here, with sys.argv reduced to the program name for the import.
+"""
+
+from __future__ import annotations
+
+import sys
+
+_argv = sys.argv
+sys.argv = _argv[:1]
+try:
+    from kserve import Model, ModelServer
+    from kserve.errors import InvalidInput
+    from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
+finally:
+    sys.argv = _argv
+
+__all__ = ["InferOutput", "InferRequest", "InferResponse", "InvalidInput", "Model", "ModelServer"]

@@ -1,0 +1,119 @@
+"""The KServe Model: an onnxruntime InferenceSession behind the Open Inference (V2) protocol.
+
+It is ready only after the file is loaded, checked against the export contract and one warm-up
+inference has run. Each request is checked (serve.validation); a bad one raises kserve's
+InvalidInput, which kserve answers with 400 and the message, and the server carries on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from serve import metadata
+from serve._kserve import InferOutput, InferRequest, InferResponse, InvalidInput, Model
+from serve.validation import RequestError, check_requested_outputs, pixels_from_request
+
+
+class OrbitOnnxModel(Model):
+    """One exported orbit ONNX file served under `name`."""
+
+    def __init__(self, name: str, path: str | Path, max_batch: int, intra_op_threads: int = 0):
+        super().__init__(name)
+        self.path = Path(path)
+        self.max_batch = max_batch
+        self.intra_op_threads = intra_op_threads
+        self.session: Any = None
+        self.info: metadata.OrbitModelInfo | None = None
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    def load(self) -> bool:
+        """Open and check the file (UserError if it is unusable), warm up, then become ready."""
+        session, info = metadata.load(self.path, self.intra_op_threads)
+        warm = np.full((1, *info.input_shape), 0.5 * sum(info.value_range), dtype=np.float32)
+        session.run(list(metadata.OUTPUTS), {metadata.INPUT: warm})
+        self.session, self.info = session, info
+        self.ready = True
+        return self.ready
+
+    def start(self) -> None:
+        """kserve's default start() marks any model ready; ours is ready only once load() ran."""
+        self.ready = self.session is not None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # kserve pickles the model into each worker process when --workers > 1: the session
+        # cannot travel, so each worker reopens the file (and warms up) on arrival.
+        state = self.__dict__.copy()
+        state.update(session=None, info=None, ready=False)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.load()
+
+    # --- V2 metadata ---------------------------------------------------------------------------
+
+    def get_input_types(self) -> list[dict[str, Any]]:
+        assert self.info is not None
+        return [t.as_v2() for t in self.info.inputs]
+
+    def get_output_types(self) -> list[dict[str, Any]]:
+        assert self.info is not None
+        return [t.as_v2() for t in self.info.outputs]
+
+    # --- inference -----------------------------------------------------------------------------
+
+    async def predict(
+        self,
+        payload: InferRequest,
+        headers: dict[str, str] | None = None,
+        response_headers: dict[str, str] | None = None,
+    ) -> InferResponse:
+        if not isinstance(payload, InferRequest):
+            raise InvalidInput("send an Open Inference (V2) request to /v2/models/NAME/infer")
+        # onnxruntime releases the GIL: run off the event loop so health checks stay answered.
+        return await asyncio.to_thread(self.infer, payload)
+
+    def infer(self, request: InferRequest) -> InferResponse:
+        """Check the request, run the session, and build the V2 response (with `suspicious`)."""
+        assert self.info is not None
+        info = self.info
+        try:
+            inputs = [(i.name, i.datatype, list(i.shape), i.data) for i in request.inputs]
+            pixels = pixels_from_request(inputs, info.input_shape, info.value_range, self.max_batch)
+            if request.request_outputs:
+                available = [t.name for t in info.outputs]
+                check_requested_outputs([o.name for o in request.request_outputs], available)
+        except RequestError as e:
+            raise InvalidInput(str(e)) from e
+        results = self.predict_arrays(pixels)
+        outputs = [
+            InferOutput(
+                name=spec.name,
+                shape=list(results[spec.name].shape),
+                datatype=spec.datatype,
+                data=results[spec.name],
+            )
+            for spec in info.outputs
+        ]
+        return InferResponse(
+            response_id=request.id or str(uuid.uuid4()),
+            model_name=self.name,
+            infer_outputs=outputs,
+            use_binary_outputs=request.use_binary_outputs,
+            requested_outputs=request.request_outputs,
+        )
+
+    def predict_arrays(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
+        """The contract's outputs for checked pixels, and whether mutual_info > threshold."""
+        assert self.info is not None
+        names = list(metadata.OUTPUTS)
+        values = self.session.run(names, {metadata.INPUT: pixels})
+        out = dict(zip(names, values, strict=True))
+        out[metadata.SUSPICIOUS] = out["mutual_info"] > self.info.mutual_info_threshold
+        return out

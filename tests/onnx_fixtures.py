@@ -1,0 +1,131 @@
+"""Small, valid orbit ONNX files built with onnx.helper (no torch), so the serving tests do not
+depend on the exporter. The graph follows the export contract exactly: input `pixels` float32
+[batch, C, H, W]; outputs `probs`, `label`, `agreement`, `mutual_info`; orbit metadata_props.
+
+Members are linear classifiers on the flattened pixels; with members > 1 they disagree on some
+inputs, so agreement and mutual_info vary like a real ensemble's.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 18
+IR_VERSION = 9
+
+
+def _metadata(
+    channels: int, height: int, width: int, classes: int, members: int, threshold: float
+) -> dict[str, str]:
+    return {
+        "orbit.format": "orbit.onnx/1",
+        "orbit.class_names": json.dumps([f"class{i}" for i in range(classes)]),
+        "orbit.input_shape": json.dumps([channels, height, width]),
+        "orbit.value_range": "[0, 1]",
+        "orbit.method": "symmetry" if members > 1 else "base",
+        "orbit.members": str(members),
+        "orbit.eps": "0.5",
+        "orbit.version": "0.1.0",
+        "orbit.weights_sha256": "0" * 64,
+        "orbit.mutual_info_threshold": repr(float(threshold)),
+    }
+
+
+def build_model(
+    *,
+    channels: int = 1,
+    height: int = 8,
+    width: int = 8,
+    classes: int = 10,
+    members: int = 4,
+    threshold: float = 0.05,
+    seed: int = 0,
+    metadata: dict[str, str] | None = None,
+    input_name: str = "pixels",
+    weight_scale: float = 0.6,
+) -> onnx.ModelProto:
+    """An ensemble of `members` linear softmax classifiers as one graph with the orbit contract.
+
+    `metadata` replaces the default metadata_props entirely (pass {} for a non-orbit file).
+    """
+    rng = np.random.default_rng(seed)
+    d = channels * height * width
+    w = (rng.standard_normal((d, members * classes)) * weight_scale).astype(np.float32)
+    b = (rng.standard_normal(members * classes) * 0.5).astype(np.float32)
+    inits = [
+        numpy_helper.from_array(w, "W"),
+        numpy_helper.from_array(b, "B"),
+        numpy_helper.from_array(np.array([-1, members, classes], np.int64), "member_shape"),
+        numpy_helper.from_array(np.array([1], np.int64), "ax1"),
+        numpy_helper.from_array(np.array([2], np.int64), "ax2"),
+        numpy_helper.from_array(np.array(1e-12, np.float32), "tiny"),
+        numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+    ]
+    n = helper.make_node
+    nodes = [
+        n("Flatten", [input_name], ["flat"], axis=1),
+        n("MatMul", ["flat", "W"], ["mm"]),
+        n("Add", ["mm", "B"], ["logits_flat"]),
+        n("Reshape", ["logits_flat", "member_shape"], ["logits"]),  # [N, M, K]
+        n("Softmax", ["logits"], ["member_probs"], axis=-1),
+        n("ReduceMean", ["member_probs", "ax1"], ["probs"], keepdims=0),  # [N, K]
+        n("ArgMax", ["probs"], ["label"], axis=1, keepdims=0),  # [N] int64
+        # agreement: share of members whose vote equals the ensemble's label
+        n("ArgMax", ["member_probs"], ["votes"], axis=2, keepdims=0),  # [N, M]
+        n("Unsqueeze", ["label", "ax1"], ["label_col"]),
+        n("Equal", ["votes", "label_col"], ["agree_bool"]),
+        n("Cast", ["agree_bool"], ["agree_f"], to=TensorProto.FLOAT),
+        n("ReduceMean", ["agree_f", "ax1"], ["agreement"], keepdims=0),
+        # mutual_info: entropy of the mean minus the mean member entropy, clamped at 0
+        n("Add", ["probs", "tiny"], ["probs_eps"]),
+        n("Log", ["probs_eps"], ["log_probs"]),
+        n("Mul", ["probs", "log_probs"], ["plogp"]),
+        n("ReduceSum", ["plogp", "ax1"], ["neg_h_mean"], keepdims=0),
+        n("Add", ["member_probs", "tiny"], ["mp_eps"]),
+        n("Log", ["mp_eps"], ["log_mp"]),
+        n("Mul", ["member_probs", "log_mp"], ["mplogp"]),
+        n("ReduceSum", ["mplogp", "ax2"], ["neg_h_members"], keepdims=0),  # [N, M]
+        n("ReduceMean", ["neg_h_members", "ax1"], ["neg_h_avg"], keepdims=0),  # [N]
+        n("Sub", ["neg_h_avg", "neg_h_mean"], ["mi_raw"]),
+        n("Max", ["mi_raw", "zero"], ["mutual_info"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "orbit_fixture",
+        [
+            helper.make_tensor_value_info(
+                input_name, TensorProto.FLOAT, ["batch", channels, height, width]
+            )
+        ],
+        [
+            helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["batch", classes]),
+            helper.make_tensor_value_info("label", TensorProto.INT64, ["batch"]),
+            helper.make_tensor_value_info("agreement", TensorProto.FLOAT, ["batch"]),
+            helper.make_tensor_value_info("mutual_info", TensorProto.FLOAT, ["batch"]),
+        ],
+        initializer=inits,
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="orbit-tests"
+    )
+    model.ir_version = IR_VERSION
+    props = (
+        _metadata(channels, height, width, classes, members, threshold)
+        if metadata is None
+        else metadata
+    )
+    helper.set_model_props(model, props)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def write_model(path: str | Path, **kwargs) -> Path:
+    """Build a fixture (see build_model) and save it to `path`."""
+    path = Path(path)
+    onnx.save(build_model(**kwargs), str(path))
+    return path
