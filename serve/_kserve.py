@@ -14,8 +14,16 @@ sys.argv = _argv[:1]
 try:
     from kserve import Model, ModelServer
     from kserve.errors import InvalidInput
-    from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
+    from kserve.protocol.infer_type import InferInput, InferOutput, InferRequest, InferResponse
 finally:
     sys.argv = _argv
 
-__all__ = ["InferOutput", "InferRequest", "InferResponse", "InvalidInput", "Model", "ModelServer"]
+__all__ = [
+    "InferInput",
+    "InferOutput",
+    "InferRequest",
+    "InferResponse",
+    "InvalidInput",
+    "Model",
+    "ModelServer",
+]

@@ -23,6 +23,8 @@ Send = Callable[[Message], Awaitable[None]]
 
 KSERVE_APP = "kserve.model_server:app"
 _INFER_PATH = re.compile(r"^/v2/models/[^/]+(/versions/[^/]+)?/infer/?$")
+# kserve's model repository extension would let any client unload the one model we serve.
+_REPOSITORY_PATH = re.compile(r"^/v2/repository(/|$)")
 
 
 async def _answer(send: Send, status: int, message: str) -> None:
@@ -62,6 +64,9 @@ class RequestGuard:
         app = self._inner()
         if scope["type"] != "http":
             await app(scope, receive, send)
+            return
+        if _REPOSITORY_PATH.match(scope["path"]):
+            await _answer(send, 403, "this server serves one fixed model; loading/unloading is off")
             return
         headers = {k.decode("latin1").lower(): v.decode("latin1") for k, v in scope["headers"]}
         is_infer = scope["method"] == "POST" and _INFER_PATH.match(scope["path"]) is not None

@@ -190,6 +190,10 @@ def parse_envelope(body: bytes, content_type: str | None, header_length: str | N
     check_envelope(obj)
     if tail is not None:
         _check_binary(obj, tail)
+        return
+    for i, item in enumerate(obj["inputs"]):
+        if "data" not in item:
+            raise RequestError(f"inputs[{i}] lacks 'data' (a JSON request carries its tensors)")
 
 
 def _json_problem(text: bytes, error: orjson.JSONDecodeError) -> str:
