@@ -22,11 +22,20 @@ from serve.validation import RequestError, check_requested_outputs, pixels_from_
 class OrbitOnnxModel(Model):
     """One exported orbit ONNX file served under `name`."""
 
-    def __init__(self, name: str, path: str | Path, max_batch: int, intra_op_threads: int = 0):
+    def __init__(
+        self,
+        name: str,
+        path: str | Path,
+        max_batch: int,
+        intra_op_threads: int = 0,
+        opened: tuple[Any, metadata.OrbitModelInfo] | None = None,
+    ):
+        """`opened`: the (session, info) of metadata.load(path) if the caller already has it."""
         super().__init__(name)
         self.path = Path(path)
         self.max_batch = max_batch
         self.intra_op_threads = intra_op_threads
+        self._opened = opened
         self.session: Any = None
         self.info: metadata.OrbitModelInfo | None = None
 
@@ -34,7 +43,8 @@ class OrbitOnnxModel(Model):
 
     def load(self) -> bool:
         """Open and check the file (UserError if it is unusable), warm up, then become ready."""
-        session, info = metadata.load(self.path, self.intra_op_threads)
+        session, info = self._opened or metadata.load(self.path, self.intra_op_threads)
+        self._opened = None
         warm = np.full((1, *info.input_shape), 0.5 * sum(info.value_range), dtype=np.float32)
         session.run(list(metadata.OUTPUTS), {metadata.INPUT: warm})
         self.session, self.info = session, info
@@ -49,7 +59,7 @@ class OrbitOnnxModel(Model):
         # kserve pickles the model into each worker process when --workers > 1: the session
         # cannot travel, so each worker reopens the file (and warms up) on arrival.
         state = self.__dict__.copy()
-        state.update(session=None, info=None, ready=False)
+        state.update(session=None, info=None, ready=False, _opened=None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:

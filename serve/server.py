@@ -1,10 +1,8 @@
 """Build and run kserve's ModelServer for one orbit ONNX file: REST (V2) only, on the given host.
 
-kserve 0.16's ModelServer has no host setting (its REST server hard-codes 0.0.0.0 in the uvicorn
-Config it creates inside start()). OrbitModelServer sets the host, and puts serve.guard in front
-of kserve's app, on that uvicorn Config just before it is served; gRPC is disabled, so nothing
-else listens. The model is loaded and warmed up before the port opens, so the server is ready
-as soon as it answers at all.
+The file, the flags and the port are checked before kserve is imported (it takes seconds), so a
+user's mistake ends in one line at once. The model is loaded and warmed up before the port
+opens, so the server is ready as soon as it answers at all.
 """
 
 from __future__ import annotations
@@ -13,11 +11,14 @@ import math
 import socket
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from orbit.errors import UserError
-from serve._kserve import ModelServer
-from serve.guard import RequestGuard
-from serve.model import OrbitOnnxModel
+from serve import metadata
+
+if TYPE_CHECKING:
+    from serve.model import OrbitOnnxModel
+    from serve.modelserver import OrbitModelServer
 
 DEFAULT_MODEL_NAME = "orbit"
 _JSON_BYTES_PER_VALUE = 32  # a float written as JSON text, with separator, rounded up
@@ -38,26 +39,6 @@ class ServeConfig:
 def default_max_body_bytes(max_batch: int, input_shape: tuple[int, ...]) -> int:
     """A body big enough for a full --max-batch request in JSON, with room for the envelope."""
     return max(1 << 20, max_batch * math.prod(input_shape) * _JSON_BYTES_PER_VALUE + (64 << 10))
-
-
-class OrbitModelServer(ModelServer):
-    """kserve's ModelServer, bound to `host` and fronted by the request guard."""
-
-    def __init__(self, host: str, max_body_bytes: int, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.host = host
-        self.max_body_bytes = max_body_bytes
-
-    async def _serve(self) -> None:
-        # start() has created the REST server (not yet serving) when it calls _serve().
-        rest = self._rest_server
-        if self._rest_multiprocess_server is not None:
-            rest = self._rest_multiprocess_server._rest_server
-        if rest is None:
-            raise RuntimeError("kserve created no REST server")
-        rest.config.host = self.host
-        rest.config.app = RequestGuard(self.max_body_bytes)
-        await super()._serve()
 
 
 def _check_config(cfg: ServeConfig) -> None:
@@ -91,13 +72,18 @@ def _check_bindable(host: str, port: int) -> None:
 
 
 def build(cfg: ServeConfig) -> tuple[OrbitModelServer, OrbitOnnxModel]:
-    """Load and warm up the model (UserError if the file is unusable) and build the server."""
+    """Check everything (UserError on any problem), load and warm up the model, build the server."""
     _check_config(cfg)
-    model = OrbitOnnxModel(cfg.name, cfg.model, cfg.max_batch, cfg.intra_op_threads)
-    model.load()
-    assert model.info is not None
-    limit = cfg.max_body_bytes or default_max_body_bytes(cfg.max_batch, model.info.input_shape)
+    opened = metadata.load(cfg.model, cfg.intra_op_threads)
+    _, info = opened
+    limit = cfg.max_body_bytes or default_max_body_bytes(cfg.max_batch, info.input_shape)
     _check_bindable(cfg.host, cfg.port)
+
+    from serve.model import OrbitOnnxModel
+    from serve.modelserver import OrbitModelServer
+
+    model = OrbitOnnxModel(cfg.name, cfg.model, cfg.max_batch, cfg.intra_op_threads, opened)
+    model.load()
     server = OrbitModelServer(
         host=cfg.host,
         max_body_bytes=limit,

@@ -1,6 +1,8 @@
-"""Small, valid orbit ONNX files built with onnx.helper (no torch), so the serving tests do not
-depend on the exporter. The graph follows the export contract exactly: input `pixels` float32
-[batch, C, H, W]; outputs `probs`, `label`, `agreement`, `mutual_info`; orbit metadata_props.
+"""Fixtures for the serving tests and benchmark: small, valid orbit ONNX files built with
+onnx.helper (no torch), so they do not depend on the exporter, and a live `orbit serve`.
+
+The graph follows the export contract exactly: input `pixels` float32 [batch, C, H, W]; outputs
+`probs`, `label`, `agreement`, `mutual_info`; orbit metadata_props.
 
 Members are linear classifiers on the flattened pixels; with members > 1 they disagree on some
 inputs, so agreement and mutual_info vary like a real ensemble's.
@@ -8,7 +10,16 @@ inputs, so agreement and mutual_info vary like a real ensemble's.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -129,3 +140,70 @@ def write_model(path: str | Path, **kwargs) -> Path:
     path = Path(path)
     onnx.save(build_model(**kwargs), str(path))
     return path
+
+
+# --- a live `orbit serve` for tests and benchmarks ------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class LiveServer:
+    process: subprocess.Popen
+    port: int
+    log: Path
+    name: str = "orbit"
+
+    @property
+    def url(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def _ready(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def running_server(
+    model: str | Path, log_dir: str | Path, *flags: str, timeout: float = 90.0
+) -> Iterator[LiveServer]:
+    """`python -m orbit.cli serve MODEL` on a free loopback port, ready when yielded, always
+    stopped (SIGTERM, then SIGKILL) afterwards."""
+    port = free_port()
+    log = Path(log_dir) / f"serve-{port}.log"
+    cmd = [sys.executable, "-m", "orbit.cli", "serve", str(model), "--port", str(port), *flags]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+    server = LiveServer(proc, port, log)
+    try:
+        deadline = time.monotonic() + timeout
+        while not _ready(port):
+            if proc.poll() is not None:
+                raise RuntimeError(
+                    f"orbit serve exited with {proc.returncode}:\n{server.log_text()}"
+                )
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"orbit serve not ready after {timeout}s:\n{server.log_text()}")
+            time.sleep(0.2)
+        yield server
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
