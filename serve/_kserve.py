@@ -14,11 +14,20 @@ sys.argv = _argv[:1]
 try:
     from kserve import Model, ModelServer
     from kserve.errors import InvalidInput
-    from kserve.protocol.infer_type import InferInput, InferOutput, InferRequest, InferResponse
+    from kserve.protocol.dataplane import DataPlane
+    from kserve.protocol.infer_type import (
+        InferInput,
+        InferOutput,
+        InferRequest,
+        InferResponse,
+        RequestedOutput,
+    )
+    from kserve.utils.numpy_codec import to_np_dtype
 finally:
     sys.argv = _argv
 
 __all__ = [
+    "DataPlane",
     "InferInput",
     "InferOutput",
     "InferRequest",
@@ -26,4 +35,6 @@ __all__ = [
     "InvalidInput",
     "Model",
     "ModelServer",
+    "RequestedOutput",
+    "to_np_dtype",
 ]

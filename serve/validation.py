@@ -287,7 +287,7 @@ def pixels_from_request(
 
 
 def _as_numbers(data: Any, name: str) -> np.ndarray:
-    """The data as a float64 array; strings, booleans, nulls and ragged lists are refused."""
+    """The data as a float array; strings, booleans, nulls and ragged lists are refused."""
     if isinstance(data, np.ndarray):
         arr = data
     else:
@@ -297,4 +297,4 @@ def _as_numbers(data: Any, name: str) -> np.ndarray:
             raise RequestError(f"input '{name}' data must be a list of numbers ({e})") from e
     if arr.dtype.kind not in "iuf":
         raise RequestError(f"input '{name}' data must contain only numbers")
-    return arr.astype(np.float64, copy=False)
+    return arr if arr.dtype.kind == "f" else arr.astype(np.float64)

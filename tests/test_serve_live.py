@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -447,3 +448,50 @@ def test_unusable_model_files_and_busy_ports_exit_2_with_one_line(tmp_path, mode
         lines = err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("orbit: error: "), err
         assert fragment in lines[0]
+
+
+# --- several worker processes ---------------------------------------------------------------------
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def _model_workers(pid: int) -> list[int]:
+    found = []
+    for kid in _children(pid):
+        try:
+            if "onnxruntime" in Path(f"/proc/{kid}/maps").read_text():
+                found.append(kid)
+        except OSError:  # the process ended meanwhile
+            continue
+    return found
+
+
+def test_two_workers_each_load_the_model_and_guard_requests(model_path, reference, tmp_path):
+    with running_server(model_path, tmp_path, "--workers", "2") as live:
+        # Ready means at least one worker answers (only serving workers accept connections);
+        # wait until both have loaded the model, as kserve's supervisor brings them up.
+        deadline = time.monotonic() + 90
+        while len(_model_workers(live.process.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert len(_model_workers(live.process.pid)) == 2
+        rng = np.random.default_rng(7)
+        for i in range(40):  # a new connection each time, so both processes take requests
+            x = rng.random((1 + i % 4, 1, 8, 8), dtype=np.float32)
+            status, body = _post(live, _json_request(shape=x.shape, data=x.ravel().tolist()), JSON)
+            assert status == 200, body
+            outputs = {o["name"]: o for o in json.loads(body)["outputs"]}
+            got = {n: np.asarray(outputs[n]["data"]).reshape(outputs[n]["shape"]) for n in OUTPUTS}
+            _assert_matches(got, reference(x))
+            status, body = _post(live, b"{", JSON)  # the guard runs in the workers too
+            assert status == 400 and "not valid JSON" in json.loads(body)["error"]
+        assert _listening_sockets(live.process.pid) == {("127.0.0.1", live.port)}

@@ -345,3 +345,39 @@ def test_default_body_limit_fits_a_full_batch_as_json():
         {"inputs": [{"name": "pixels", "shape": [16, 3, 32, 32], "datatype": "FP32", "data": data}]}
     ).encode()
     assert len(body) * 256 // 16 < default_max_body_bytes(256, (3, 32, 32))
+
+
+def test_binary_decoder_agrees_with_kserves():
+    """serve.modelserver's decoder gives what kserve's gives, as arrays instead of lists."""
+    from serve._kserve import InferRequest
+    from serve.modelserver import decode_binary_request
+
+    x = np.random.default_rng(3).random((4, 1, 8, 8)).astype(np.float32)
+    header = json.dumps(
+        {
+            "id": "r1",
+            "parameters": {"binary_data_output": True},
+            "inputs": [
+                {
+                    "name": "pixels",
+                    "shape": [4, 1, 8, 8],
+                    "datatype": "FP32",
+                    "parameters": {"binary_data_size": x.nbytes},
+                },
+                {"name": "extra", "shape": [2], "datatype": "INT64", "data": [1, 2]},
+            ],
+            "outputs": [{"name": "probs", "parameters": {"binary_data": True}}, {"name": "label"}],
+        }
+    ).encode()
+    body = header + x.tobytes()
+    theirs = InferRequest.from_bytes(body, len(header), "orbit")
+    ours = decode_binary_request(body, len(header), "orbit")
+    assert (ours.id, ours.parameters, ours.model_name) == (theirs.id, theirs.parameters, "orbit")
+    assert ours.use_binary_outputs == theirs.use_binary_outputs is True
+    assert [(o.name, o.parameters) for o in ours.request_outputs] == [
+        (o.name, o.parameters) for o in theirs.request_outputs
+    ]
+    for mine, ref in zip(ours.inputs, theirs.inputs, strict=True):
+        assert (mine.name, mine.datatype, list(mine.shape)) == (ref.name, ref.datatype, ref.shape)
+        np.testing.assert_array_equal(np.asarray(mine.data).ravel(), np.asarray(ref.data).ravel())
+    assert isinstance(ours.inputs[0].data, np.ndarray) and ours.inputs[0].data.dtype == np.float32
