@@ -10,11 +10,12 @@ minimum it lies in; its dimension is the group's dimension minus that of the poi
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 from orbit.errors import UserError
-from symmetry.groups import sample_generator
 
 # Lie algebra of each activation's linear symmetry group (names as in symmetry.groups).
 SYMMETRY_ALGEBRA = {"linear": "gl", "relu": "diag", "leaky_relu": "diag", "radial": "so"}
@@ -98,9 +99,16 @@ def sample_linear_symmetry(
     activation: str, h: int, eps: float, gen: torch.Generator
 ) -> torch.Tensor:
     """g = expm(eps T) (float64) in the activation's symmetry group: GL(h), positive diagonal
-    or SO(h), with T drawn by symmetry.groups.sample_generator."""
+    or SO(h); T has the scale of symmetry.groups (gl: N(0, 1/h) entries, so: its antisymmetric
+    part, diag: N(0, 1)), so one eps means the same distance from the identity."""
     algebra = symmetry_algebra(activation)
-    return torch.linalg.matrix_exp(eps * sample_generator(algebra, h, gen))
+    if algebra == "diag":
+        t = torch.diag(torch.randn(h, generator=gen, dtype=torch.float64))
+    else:
+        t = torch.randn(h, h, generator=gen, dtype=torch.float64) / math.sqrt(h)
+        if algebra == "so":
+            t = (t - t.T) / math.sqrt(2.0)
+    return torch.linalg.matrix_exp(eps * t)
 
 
 def flat_minimum_dimension(activation: str, h: int) -> int:
