@@ -8,6 +8,7 @@ that it pickles into kserve's worker processes when --workers > 1.
 
 from __future__ import annotations
 
+import importlib
 import re
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -55,9 +56,8 @@ class RequestGuard:
 
     def _inner(self) -> Any:
         if self._app is None:
-            from uvicorn.importer import import_from_string
-
-            self._app = import_from_string(self.app_path)
+            module, _, attr = self.app_path.partition(":")
+            self._app = getattr(importlib.import_module(module), attr)
         return self._app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

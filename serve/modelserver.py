@@ -32,6 +32,12 @@ from serve.validation import INFERENCE_HEADER
 
 
 class OrbitDataPlane(DataPlane):
+    async def model_metadata(self, model_name: str) -> dict[str, Any]:
+        """kserve's answer, naming the platform as Triton does for the same ONNX file."""
+        answer = await super().model_metadata(model_name)
+        answer["platform"] = "onnxruntime_onnx"
+        return answer
+
     def decode_inference_request(
         self, body: Any, headers: dict[str, str], model_name: str
     ) -> InferRequest:

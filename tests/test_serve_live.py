@@ -106,6 +106,7 @@ def test_tritonclient_health_metadata_and_infer_match_onnxruntime(server, refere
         assert client.is_model_ready("orbit")
         assert not client.is_model_ready("other")
         meta = client.get_model_metadata("orbit")
+        assert meta["name"] == "orbit" and meta["platform"] == "onnxruntime_onnx"
         assert meta["inputs"] == [{"name": "pixels", "datatype": "FP32", "shape": [-1, 1, 8, 8]}]
         assert [(o["name"], o["datatype"], o["shape"]) for o in meta["outputs"]] == [
             ("probs", "FP32", [-1, 10]),
