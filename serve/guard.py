@@ -26,6 +26,8 @@ KSERVE_APP = "kserve.model_server:app"
 _INFER_PATH = re.compile(r"^/v2/models/[^/]+(/versions/[^/]+)?/infer/?$")
 # kserve's model repository extension would let any client unload the one model we serve.
 _REPOSITORY_PATH = re.compile(r"^/v2/repository(/|$)")
+# kserve answers any versioned model path with 501; the file we serve has no versions.
+_VERSION_PATH = re.compile(r"^/v2/models/[^/]+/versions(/|$)")
 
 
 async def _answer(send: Send, status: int, message: str) -> None:
@@ -67,6 +69,11 @@ class RequestGuard:
             return
         if _REPOSITORY_PATH.match(scope["path"]):
             await _answer(send, 403, "this server serves one fixed model; loading/unloading is off")
+            return
+        if _VERSION_PATH.match(scope["path"]):
+            await _answer(
+                send, 404, "this model has no versions; drop '/versions/...' from the URL"
+            )
             return
         headers = {k.decode("latin1").lower(): v.decode("latin1") for k, v in scope["headers"]}
         is_infer = scope["method"] == "POST" and _INFER_PATH.match(scope["path"]) is not None

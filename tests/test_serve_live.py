@@ -288,6 +288,8 @@ def test_wrong_model_method_and_repository_calls_are_4xx(server, reference):
     conn.close()
     status, body = _post(server, b"", JSON, "/v2/repository/models/orbit/unload")
     assert status == 403 and "one fixed model" in json.loads(body)["error"]
+    status, body = _post(server, _json_request(), JSON, "/v2/models/orbit/versions/1/infer")
+    assert status == 404 and "no versions" in json.loads(body)["error"]
     _check_still_right(server, reference, seed=99)
 
 
