@@ -1,0 +1,186 @@
+"""Q monitoring during Lightning training, the four landscape experiments, `orbit landscape`."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers import CSVLogger
+from typer.testing import CliRunner
+
+from orbit.cli import app
+from orbit.errors import UserError
+from symmetry.conserved import relative_drift, slot_q
+from training.config import TrainConfig
+from training.datasets import load_dataset
+from training.landscape import make_config, run_experiment
+from training.landscape.common import (
+    Problem,
+    teacher_problem,
+    top_hessian_eigenvalue,
+    train,
+    xavier_params,
+)
+from training.lightning import ClassifierModule, SplitsDataModule
+from training.models import ModelSpec, build_model
+from training.q_monitor import QMonitor
+from training.train import train as train_pipeline
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _metric_rows(csv_path: Path) -> list[dict[str, str]]:
+    with open(csv_path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _fit(tmp_path: Path, activation: str) -> tuple[QMonitor, torch.nn.Module, list[dict]]:
+    torch.manual_seed(0)
+    splits = load_dataset("synthetic", None)
+    model = build_model(ModelSpec("mlp", splits.input_shape, splits.num_classes, 16, activation))
+    module = ClassifierModule(model, splits.num_classes, lr=1e-2, epochs=2)
+    monitor = QMonitor()
+    trainer = pl.Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        logger=CSVLogger(tmp_path, name="logs"),
+        callbacks=[monitor],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, SplitsDataModule("synthetic", None, 128, splits))
+    return monitor, model, _metric_rows(Path(trainer.logger.log_dir) / "metrics.csv")
+
+
+def test_q_monitor_logs_q_and_its_drift_every_epoch(tmp_path: Path) -> None:
+    monitor, model, rows = _fit(tmp_path, "leaky_relu")
+    logged = [r for r in rows if r.get("q_norm")]
+    assert len(logged) == 2  # one row per epoch
+    q_end = slot_q(model.slot).double()
+    assert monitor.q_start is not None
+    last = logged[-1]
+    assert math.isclose(float(last["q_norm"]), float(q_end.norm()), rel_tol=1e-6)
+    assert math.isclose(float(last["q_norm_start"]), float(monitor.q_start.norm()), rel_tol=1e-6)
+    drift = relative_drift(q_end, monitor.q_start)
+    assert math.isclose(float(last["q_drift"]), drift, rel_tol=1e-6)
+    assert drift > 1e-3  # minibatch Adam with lr 1e-2 does not conserve Q
+    restored = QMonitor()
+    restored.load_state_dict(monitor.state_dict())  # --resume keeps the start value
+    assert torch.equal(restored.q_start, monitor.q_start)
+
+
+def test_q_monitor_does_nothing_without_a_conserved_quantity(tmp_path: Path) -> None:
+    monitor, _, rows = _fit(tmp_path, "tanh")
+    assert monitor.q_start is None
+    assert rows and not any(k.startswith("q_") for k in rows[0])
+
+
+def test_training_pipeline_with_init_q_records_q_from_the_requested_value(tmp_path: Path) -> None:
+    config = TrainConfig(
+        out=tmp_path / "base", dataset="synthetic", model="mlp", hidden=16, epochs=1,
+        activation="leaky_relu", init_q=-1.5, progress=False,
+    )  # fmt: skip
+    train_pipeline(config)
+    csvs = list((tmp_path / "base").rglob("metrics.csv"))
+    rows = [r for r in _metric_rows(csvs[0]) if r.get("q_norm_start")]
+    assert math.isclose(float(rows[0]["q_norm_start"]), 1.5 * math.sqrt(16), rel_tol=1e-5)
+
+
+def test_top_hessian_eigenvalue_matches_the_full_hessian() -> None:
+    gen = torch.Generator().manual_seed(0)
+    problem = teacher_problem("leaky_relu", 16, 4, 3, 4, gen)
+    p = train(xavier_params(4, 6, 3, gen), problem, 0.05, 300, every=300).params
+    names = problem.trainable(p)
+    sizes = [p[k].numel() for k in names]
+
+    def loss_flat(v: torch.Tensor) -> torch.Tensor:
+        parts = dict(zip(names, torch.split(v, sizes), strict=True))
+        return problem.loss({k: parts[k].reshape(p[k].shape) for k in names})
+
+    full = torch.func.hessian(loss_flat)(torch.cat([p[k].reshape(-1) for k in names]))
+    eig = torch.linalg.eigvalsh(full)
+    top = float(eig[eig.abs().argmax()])
+    assert math.isclose(top_hessian_eigenvalue(p, problem, iters=500), top, rel_tol=1e-6)
+
+
+SMALL = {
+    "dynamics": {"steps": 100, "every": 10, "samples": 6, "inputs": 8, "hidden": 6},
+    "distribution": {"widths": (4, 16), "draws": 4},
+    "convergence": {"targets": (-1.0, 0.0, 1.0), "steps": 200, "samples": 16},
+    "sharpness": {"targets": (-1.0, 1.0), "steps": 100, "hessian_iters": 50, "samples": 16},
+}
+
+
+@pytest.mark.parametrize("name", list(SMALL))
+def test_each_experiment_writes_json_and_png(tmp_path: Path, name: str) -> None:
+    json_path, png_path, result = run_experiment(name, tmp_path, make_config(name, **SMALL[name]))
+    assert png_path.read_bytes()[:8] == PNG
+    on_disk = json.loads(json_path.read_text())
+    assert on_disk["experiment"] == name and on_disk["summary"] == json.loads(
+        json.dumps(result["summary"])
+    )
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left
+    s = on_disk["summary"]
+    if name == "dynamics":
+        assert max(s["gd_relative_drift_max"].values()) < 1e-3
+        assert on_disk["activations"]["radial"]["cancellation_max"] < 1e-10
+    elif name == "distribution":  # Xavier's per-neuron Q narrows as the width grows
+        assert s["xavier_relu_range_98"]["16"] < s["xavier_relu_range_98"]["4"]
+    elif name == "convergence":  # every run starts from the same function, hence the same loss
+        assert s["linear"]["start_loss_spread"] < 1e-9
+    else:  # moving along the minimum keeps the loss, and changes the sharpness
+        for act in ("linear", "leaky_relu"):
+            assert s[act]["loss_spread_along_minimum"] < 1e-9
+            assert len(set(s[act]["top_eigenvalue_along_minimum"].values())) == 2
+
+
+def test_make_config_rejects_options_of_other_experiments() -> None:
+    with pytest.raises(UserError, match="--draws does not apply to the dynamics"):
+        make_config("dynamics", draws=3)
+    with pytest.raises(UserError, match="unknown experiment"):
+        make_config("nope")
+
+
+def test_cli_landscape_writes_into_out(tmp_path: Path) -> None:
+    out = tmp_path / "land"
+    result = CliRunner().invoke(
+        app, ["landscape", "distribution", "--widths", "4,8", "--draws", "2", "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    assert (out / "distribution.json").is_file() and (out / "distribution.png").is_file()
+    assert "relu_range_shrinks_with_width" in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["landscape", "wobble"], "unknown experiment 'wobble'"),
+        (["landscape", "dynamics", "--lr", "0"], "--lr must be positive"),
+        (["landscape", "distribution", "--widths", "4,x"], "--widths must be"),
+        (["landscape", "sharpness", "--draws", "3"], "--draws does not apply"),
+    ],
+)
+def test_cli_bad_input_is_one_line_exit_2(args: list[str], message: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "orbit.cli", *args], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2
+    assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_problem_freezes_what_it_is_told() -> None:
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
+    problem = Problem(x, y, "tanh", frozen=("b1",))
+    p0 = xavier_params(3, 5, 2, gen)
+    p0["b1"] = torch.ones(5, dtype=torch.float64)
+    p = train(p0, problem, 0.1, 20).params
+    assert torch.equal(p["b1"], p0["b1"]) and not torch.equal(p["w1"], p0["w1"])
