@@ -119,11 +119,14 @@ def linear_q_move(
         a_mhalf = _sym_fn(a, torch.rsqrt)
         s = a_mhalf @ _riccati_root(a_half @ b @ a_half, -t) @ a_mhalf
         return _sym_fn(s, torch.rsqrt)
-    need = "t < 0 needs" if t < 0 else ("t > 0 needs" if t > 0 else "t = 0 needs both")
+    need = {
+        -1: f"Q = t I with t < 0 needs [W1|b1] of full row rank (d + 1 >= h = {h})",
+        1: f"Q = t I with t > 0 needs W2 of full column rank (classes C >= h = {h})",
+        0: "Q = 0 needs both [W1|b1] and W2 of full rank h",
+    }[(t > 0) - (t < 0)]
     raise UserError(
         f"Q = {t:g} I is unreachable for this linear slot (h = {h}, d + 1 = {w1a.shape[1]},"
-        f" C = {w2.shape[0]}): {need} [W1|b1] of full row rank (d + 1 >= h) and/or W2 of full"
-        " column rank (C >= h); choose a negative target or a narrower slot"
+        f" C = {w2.shape[0]}): {need}; choose another target or slot width"
     )
 
 
