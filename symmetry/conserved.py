@@ -115,6 +115,21 @@ def slot_q(slot: nn.Module) -> torch.Tensor | None:
     return linear_q(w1, b1, w2) if activation == "linear" else imbalance(w1, b1, w2)
 
 
+def slot_q_scale(slot: nn.Module) -> float | None:
+    """The size of the two terms whose difference is Q (||W2^T W2|| + ||W~1 W~1^T||, or
+    ||a + b|| per neuron): the yardstick for Q when Q itself is near zero (balanced layers)."""
+    activation = getattr(slot, "activation", None)
+    if activation not in DATA_FREE:
+        return None
+    w1a = augmented_first_layer(
+        slot.fc1.weight.detach(), None if slot.fc1.bias is None else slot.fc1.bias.detach()
+    ).to(torch.float64)
+    w2 = slot.fc2.weight.detach().to(torch.float64)
+    if activation == "linear":
+        return float((w2.T @ w2).norm() + (w1a @ w1a.T).norm())
+    return float((w2.square().sum(0) + w1a.square().sum(1)).norm())
+
+
 def q_mean(q: torch.Tensor) -> float:
     """One number for Q: the mean Q_i (relu), or trace/h = mean eigenvalue (linear)."""
     return float(q.diagonal().mean() if q.dim() == 2 else q.mean())

@@ -17,7 +17,8 @@ from typer.testing import CliRunner
 
 from orbit.cli import app
 from orbit.errors import UserError
-from symmetry.conserved import relative_drift, slot_q
+from symmetry.conserved import relative_drift, slot_q, slot_q_scale
+from symmetry.flat_minimum import set_slot_q
 from training.config import TrainConfig
 from training.datasets import load_dataset
 from training.landscape import make_config, run_experiment
@@ -41,10 +42,14 @@ def _metric_rows(csv_path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def _fit(tmp_path: Path, activation: str) -> tuple[QMonitor, torch.nn.Module, list[dict]]:
+def _fit(
+    tmp_path: Path, activation: str, init_q: float | None = None
+) -> tuple[QMonitor, torch.nn.Module, list[dict]]:
     torch.manual_seed(0)
     splits = load_dataset("synthetic", None)
     model = build_model(ModelSpec("mlp", splits.input_shape, splits.num_classes, 16, activation))
+    if init_q is not None:
+        set_slot_q(model.slot, init_q)
     module = ClassifierModule(model, splits.num_classes, lr=1e-2, epochs=2)
     monitor = QMonitor()
     trainer = pl.Trainer(
@@ -75,6 +80,21 @@ def test_q_monitor_logs_q_and_its_drift_every_epoch(tmp_path: Path) -> None:
     restored = QMonitor()
     restored.load_state_dict(monitor.state_dict())  # --resume keeps the start value
     assert torch.equal(restored.q_start, monitor.q_start)
+
+
+def test_q_monitor_drift_stays_finite_from_balanced_layers(tmp_path: Path) -> None:
+    """With --init-q 0 the start is Q = 0 up to float32 rounding: drift is measured against
+    1e-3 of the layers' size instead of dividing by (nearly) zero."""
+    monitor, model, rows = _fit(tmp_path, "relu", init_q=0.0)
+    q_start = monitor.q_start
+    assert q_start is not None and monitor.drift_scale is not None
+    start_scale = monitor.drift_scale
+    assert float(q_start.norm()) < 1e-3 * start_scale  # so the denominator is not ||Q_start||
+    q_end = slot_q(model.slot).double()
+    last = [r for r in rows if r.get("q_drift")][-1]
+    expected = float((q_end - q_start).norm()) / start_scale
+    assert math.isclose(float(last["q_drift"]), expected, rel_tol=1e-6)
+    assert 0 < expected < 1e6 and slot_q_scale(model.slot) > 0
 
 
 def test_q_monitor_does_nothing_without_a_conserved_quantity(tmp_path: Path) -> None:
