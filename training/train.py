@@ -98,8 +98,9 @@ def _build(config: TrainConfig, splits: DatasetSplits) -> OrbitClassifier:
     )
     model = build_model(spec)
     if config.init_q is not None:
-        from symmetry.flat_minimum import set_slot_q
+        from symmetry.flat_minimum import set_slot_q, xavier_init_slot
 
+        xavier_init_slot(model.slot)  # the paper's setting: Xavier, then move along the minimum
         set_slot_q(model.slot, config.init_q)
     return model
 
