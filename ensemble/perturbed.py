@@ -8,6 +8,7 @@ ensembles move the same amount; only the direction differs: along the orbit or a
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 from torch import nn
@@ -37,23 +38,31 @@ class PerturbedEnsemble(FusedEnsemble):
         self.act = copy.deepcopy(slot.act)
         self.register_buffer("w1_flat", w1.detach().to(torch.float32).reshape(n * h, d).clone())
         self.register_buffer("b1_flat", b1.detach().to(torch.float32).reshape(n * h).clone())
-        self.register_buffer("w2t", w2.detach().to(torch.float32).transpose(1, 2).contiguous())
+        self.register_buffer("w2", w2.detach().to(torch.float32).contiguous())  # [N, C, h]
         self.register_buffer("b2", slot.fc2.bias.detach().to(torch.float32).clone())
         self.eval()
 
     @property
     def num_members(self) -> int:
-        return int(self.w2t.shape[0])
+        return int(self.w2.shape[0])
 
     @property
     def hidden(self) -> int:
-        return int(self.w2t.shape[1])
+        return int(self.w2.shape[2])
 
-    def member_logits(self, x: torch.Tensor) -> torch.Tensor:
+    def _logits_ncb(self, x: torch.Tensor) -> torch.Tensor:
+        """Members' logits as [N, C, B] (the fast layout, as in SymmetryEnsemble)."""
         z = self.trunk(self.normalize(x))
         a = self.act(nn.functional.linear(z, self.w1_flat, self.b1_flat))  # [B, N*h]
-        a = a.reshape(x.shape[0], self.num_members, self.hidden).transpose(0, 1)  # [N, B, h]
-        return torch.bmm(a, self.w2t) + self.b2
+        a = a.reshape(-1, self.num_members, self.hidden).permute(1, 2, 0)  # [N, h, B]
+        return torch.matmul(self.w2, a) + self.b2.unsqueeze(-1)
+
+    def member_logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self._logits_ncb(x).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        log_p = torch.log_softmax(self._logits_ncb(x), dim=1)
+        return (torch.logsumexp(log_p, dim=0) - math.log(self.num_members)).transpose(0, 1)
 
     def member_heads(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(W1 [N, h, d], b1 [N, h], W2 [N, C, h]) of every member."""
@@ -61,7 +70,7 @@ class PerturbedEnsemble(FusedEnsemble):
         return (
             self.w1_flat.reshape(n, h, -1),
             self.b1_flat.reshape(n, h),
-            self.w2t.transpose(1, 2),
+            self.w2,
         )
 
 

@@ -47,28 +47,45 @@ class SymmetryEnsemble(FusedEnsemble):
         self.fc1 = copy.deepcopy(slot.fc1)
         self.act = copy.deepcopy(slot.act)
         self.register_buffer("g_flat", g.detach().to(torch.float32).reshape(n * h, h).clone())
-        self.register_buffer("u", u.detach().to(torch.float32).contiguous().clone())
+        # U stored transposed [N, C, h]: members' logits come out as [N, C, B], the layout in
+        # which both the bmm and the softmax over classes vectorise over the batch (measured
+        # 1.6x base instead of 2.2x at N = 64, batch 256, with the [N, B, C] layout).
+        self.register_buffer("u_t", u.detach().to(torch.float32).transpose(1, 2).contiguous())
         self.register_buffer("b2", slot.fc2.bias.detach().to(torch.float32).clone())
         self.eval()
 
     @property
     def num_members(self) -> int:
-        return int(self.u.shape[0])
+        return int(self.u_t.shape[0])
 
     @property
     def hidden(self) -> int:
-        return int(self.u.shape[1])
+        return int(self.u_t.shape[2])
 
     @property
     def g(self) -> torch.Tensor:
         """G [N, h, h] (float32), the members' group elements."""
         return self.g_flat.reshape(self.num_members, self.hidden, self.hidden)
 
-    def member_logits(self, x: torch.Tensor) -> torch.Tensor:
-        hidden = self.fc1(self.trunk(self.normalize(x)))  # [B, h], once for all members
+    @property
+    def u(self) -> torch.Tensor:
+        """U [N, h, C] (float32) = Pi W2^T, the members' folded second layers."""
+        return self.u_t.transpose(1, 2)
+
+    def _logits_ncb(self, x: torch.Tensor) -> torch.Tensor:
+        """Members' logits as [N, C, B]: trunk and H once, one GEMM for all G_n, one bmm."""
+        hidden = self.fc1(self.trunk(self.normalize(x)))  # [B, h]
         a = self.act(nn.functional.linear(hidden, self.g_flat))  # [B, N*h] = H G_n^T for all n
-        a = a.reshape(x.shape[0], self.num_members, self.hidden).transpose(0, 1)  # [N, B, h]
-        return torch.bmm(a, self.u) + self.b2  # [N, B, C]
+        a = a.reshape(-1, self.num_members, self.hidden).permute(1, 2, 0)  # [N, h, B]
+        return torch.matmul(self.u_t, a) + self.b2.unsqueeze(-1)
+
+    def member_logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self._logits_ncb(x).transpose(1, 2)  # [N, B, C]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """log of the mean member probability [B, C] (as FusedEnsemble.forward, other layout)."""
+        log_p = torch.log_softmax(self._logits_ncb(x), dim=1)
+        return (torch.logsumexp(log_p, dim=0) - math.log(self.num_members)).transpose(0, 1)
 
 
 def materialize_member(base: OrbitClassifier, g: torch.Tensor, u: torch.Tensor) -> OrbitClassifier:
