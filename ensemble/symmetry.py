@@ -22,10 +22,13 @@ from symmetry.groups import check_algebra, group_elements, sample_generators
 from symmetry.nonlinear import fold_second_layer, nonlinear_action, transform_first_layer
 from training.models import OrbitClassifier, find_slot
 
-# A member whose sigma(H0 g^T) has a larger condition number is redrawn. Measured on trained
-# digits / Fashion-MNIST cnn slots (h = 64, k = 32): typical members are at 1e1..1e2 and stay within
-# 1e-5 of the base logits in float32; at 1e6 the float32 error on the anchors nears the 1e-4 budget.
-MAX_CONDITION = 1e5
+# A member whose sigma(H0 g^T) has a larger condition number is redrawn. Measured (N = 64, k = 32,
+# h = 64, trained cnn slots): the largest condition number was 860 (digits) and 430
+# (Fashion-MNIST) for eps <= 1, with float32 anchor errors <= 1.2e-5; at eps = 5 it reached 2.3e4
+# and 4.4e3, and the anchor error 2.4e-4, past the 1e-4 budget. 1e4 keeps a 10x margin over every
+# member at eps <= 1. Far out, the float32 error also grows with the size of the move (even after
+# redraws), which is why the build measures it on every member and warns past 1e-4.
+MAX_CONDITION = 1e4
 MAX_REDRAWS = 10  # per member; then the build stops with the numbers
 FEATURE_CHUNK = 1024
 
