@@ -1,0 +1,518 @@
+"""The robustness sweep as a Lightning test loop with torchmetrics.
+
+One `trainer.test` call per job (the clean pass, then one attack at one eps, then the sanity
+attack). The test set is cut into fixed batches that are dealt to processes round-robin, and
+each batch's attack is seeded from (seed, attack, eps, model, batch number), so a run on any
+number of processes attacks exactly the same inputs with exactly the same randomness as a
+single process, and the sum-reduced counts give the single-process numbers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchmetrics import Metric
+
+from attacks import memory
+from attacks.registry import ATTACKS, AttackOptions, build_attack, perturbation_norm
+from attacks.stats import auroc, encode_mask, wilson_interval
+from attacks.threats import UNBOUNDED_EPS, UNBOUNDED_STEPS, plan
+from ensemble.base import FusedEnsemble, summarize
+from orbit.errors import UserError
+
+# Float slack when checking that an attack stayed inside its budget and the pixel box.
+BUDGET_SLACK = 1e-5
+SPAWNING_STRATEGIES = ("spawn", "fork", "notebook")
+
+
+@dataclass
+class EvalModel:
+    """A model under evaluation: a plain classifier or a FusedEnsemble, with report metadata."""
+
+    name: str
+    module: nn.Module
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_ensemble(self) -> bool:
+        return isinstance(self.module, FusedEnsemble)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    attacks: tuple[str, ...] = ("fgsm", "pgd")
+    threats: tuple[str, ...] = ("transfer", "white-box")
+    eps: tuple[float, ...] = (0.0, 0.05, 0.1, 0.2)  # L-inf budgets (pixel units)
+    eps_l2: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0)  # L2 radii, for pgd-l2 and cw
+    seed: int = 0
+    batch_size: int = 256
+    max_memory_mb: float = 4096.0
+    options: AttackOptions = field(default_factory=AttackOptions)
+    sanity_attack: bool = True  # the large-eps white-box PGD of the sanity checks
+    accelerator: str = "cpu"
+    devices: int = 1
+    strategy: str = "auto"
+    num_nodes: int = 1
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.batch_size <= 0:
+            raise UserError(f"--batch-size must be positive, got {self.batch_size}")
+        if not self.max_memory_mb > 0:
+            raise UserError(f"--max-memory-mb must be positive, got {self.max_memory_mb}")
+        if self.devices <= 0 or self.num_nodes <= 0:
+            raise UserError("--devices and --num-nodes must be positive")
+        if any(s in self.strategy for s in SPAWNING_STRATEGIES):
+            raise UserError(
+                f"--strategy {self.strategy} runs the sweep in processes whose results cannot be"
+                " collected; use --strategy ddp (or auto)"
+            )
+        if any(e < 0 for e in (*self.eps, *self.eps_l2)):
+            raise UserError("budgets (--eps, --eps-l2) must be >= 0")
+
+    def eps_for(self, attack: str) -> tuple[float, ...]:
+        return self.eps if ATTACKS[attack].norm == "Linf" else self.eps_l2
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "attacks": list(self.attacks),
+            "threats": list(self.threats),
+            "eps": list(self.eps),
+            "eps_l2": list(self.eps_l2),
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+            "max_memory_mb": self.max_memory_mb,
+            "options": self.options.to_json(),
+            "sanity_attack": self.sanity_attack,
+            "accelerator": self.accelerator,
+            "devices": self.devices,
+            "strategy": self.strategy,
+            "num_nodes": self.num_nodes,
+        }
+
+
+@dataclass(frozen=True)
+class Job:
+    """One pass of the test loop: the clean pass, or one attack at one eps under its threats."""
+
+    role: str  # "clean" | "sweep" | "sanity"
+    attack: str | None
+    eps: float
+    threats: tuple[str, ...]
+    options: AttackOptions
+    batch_size: int = 0  # set by the memory bound
+
+    @property
+    def label(self) -> str:
+        if self.attack is None:
+            return "clean"
+        return f"{self.attack} eps={self.eps:g} ({', '.join(self.threats)})"
+
+
+def jobs_for(config: EvalConfig) -> list[Job]:
+    """The jobs of a sweep, in order: clean, each attack at each eps > 0, then the sanity attack."""
+    cells = plan(list(config.attacks), list(config.threats))
+    jobs = [Job("clean", None, 0.0, ("clean",), config.options)]
+    by_attack: dict[str, list[str]] = {}
+    for c in cells:
+        by_attack.setdefault(c.attack, []).append(c.threat)
+    for attack, threats in by_attack.items():
+        for eps in config.eps_for(attack):
+            if eps > 0:
+                jobs.append(Job("sweep", attack, eps, tuple(threats), config.options))
+    if config.sanity_attack:
+        opts = AttackOptions(steps=UNBOUNDED_STEPS, step_size=0.25, restarts=1)
+        jobs.append(Job("sanity", "pgd", UNBOUNDED_EPS, ("white-box",), opts))
+    return jobs
+
+
+def derive_seed(*parts: object) -> int:
+    """A seed from named parts, the same in every process (unlike Python's salted hash)."""
+    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+class ShardedBatches(Sampler[int]):
+    """Batch numbers for one process: fixed batches of `batch_size` consecutive inputs, batch b
+    to process b % world.
+
+    No input is padded or repeated, and a batch's contents never depend on the number of
+    processes (unlike DistributedSampler, which pads and interleaves). A process left without
+    a batch gets the empty batch -1, because Lightning refuses an empty loader.
+    """
+
+    def __init__(self, n: int, batch_size: int, rank: int = 0, world: int = 1) -> None:
+        self.n, self.batch_size, self.rank, self.world = n, batch_size, rank, world
+
+    def batch_ids(self) -> list[int]:
+        return list(range(self.rank, math.ceil(self.n / self.batch_size), self.world)) or [-1]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.batch_ids())
+
+    def __len__(self) -> int:
+        return len(self.batch_ids())
+
+
+class Batches(Dataset):
+    """Item b is the whole batch b: (x, y, input indices); item -1 is an empty batch."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> None:
+        self.x, self.y, self.batch_size = x, y, batch_size
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.y) / self.batch_size)
+
+    def __getitem__(self, b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if b < 0:
+            return self.x[:0], self.y[:0], torch.zeros(0, dtype=torch.long)
+        idx = torch.arange(b * self.batch_size, min(len(self.y), (b + 1) * self.batch_size))
+        return self.x[idx], self.y[idx], idx
+
+
+class CellMetric(Metric):
+    """Counts for one (model, threat) cell of a job, summed over processes.
+
+    For ensembles it also keeps per-input mutual information on clean and adversarial inputs
+    (concatenated over processes) for the AUROC of telling them apart.
+    """
+
+    full_state_update = False
+
+    def __init__(self, ensemble: bool) -> None:
+        super().__init__()
+        self.ensemble = ensemble
+        for name in ("correct", "total", "agree_votes", "votes", "violations"):
+            self.add_state(name, torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        # Which inputs (by index) stayed correct: for paired tests between attacks.
+        self.add_state("ids", [], dist_reduce_fx="cat")
+        self.add_state("oks", [], dist_reduce_fx="cat")
+        if ensemble:
+            for name in ("mi_clean", "mi_adv", "clean_ok", "adv_ok"):
+                self.add_state(name, [], dist_reduce_fx="cat")
+
+    def update(
+        self,
+        ids: torch.Tensor,
+        y: torch.Tensor,
+        clean: Outputs,
+        adv: Outputs,
+        violations: int,
+    ) -> None:
+        ok = adv.label == y
+        self.correct += ok.sum()
+        self.total += y.numel()
+        self.violations += violations
+        self.ids.append(ids.float())  # float: torchmetrics pads empty cat states as float
+        self.oks.append(ok.float())
+        if self.ensemble:
+            self.agree_votes += adv.agree_votes.sum()
+            self.votes += adv.members * y.numel()
+            self.mi_clean.append(clean.mutual_info.float())
+            self.mi_adv.append(adv.mutual_info.float())
+            self.clean_ok.append((clean.label == y).float())
+            self.adv_ok.append(ok.float())
+
+    def compute(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "n": int(self.total),
+            "correct": int(self.correct),
+            "budget_violations": int(self.violations),
+            "agreement": None,
+            "auroc_mi": None,
+            "auroc_mi_successful": None,
+            "correct_mask": encode_mask(_cat(self.ids), _cat(self.oks)),
+        }
+        if self.ensemble and int(self.votes) > 0:
+            out["agreement"] = int(self.agree_votes) / int(self.votes)
+            mi_c, mi_a = _cat(self.mi_clean), _cat(self.mi_adv)
+            c_ok, a_ok = _cat(self.clean_ok) > 0.5, _cat(self.adv_ok) > 0.5
+            out["auroc_mi"] = auroc(mi_c, mi_a)
+            out["auroc_mi_successful"] = auroc(mi_c[c_ok], mi_a[c_ok & ~a_ok])
+        return out
+
+
+def _cat(state: list[torch.Tensor] | torch.Tensor) -> np.ndarray:
+    if isinstance(state, list):
+        state = torch.cat(state) if state else torch.zeros(0)
+    return state.detach().cpu().numpy()
+
+
+@dataclass
+class Outputs:
+    """What the evaluation reads from a model on a batch."""
+
+    label: torch.Tensor
+    agree_votes: torch.Tensor | None = None  # members voting with the ensemble, per input
+    mutual_info: torch.Tensor | None = None
+    members: int = 0
+
+
+@torch.no_grad()
+def model_outputs(module: nn.Module, x: torch.Tensor) -> Outputs:
+    if isinstance(module, FusedEnsemble):
+        logits = module.member_logits(x)
+        pred = summarize(logits)
+        votes = (logits.argmax(-1) == pred.label.unsqueeze(0)).sum(0)
+        return Outputs(pred.label, votes, pred.mutual_info, int(logits.shape[0]))
+    return Outputs(module(x).argmax(-1))
+
+
+class SweepModule(pl.LightningModule):
+    """Holds the models; `test_step` attacks a batch as the current job says and counts."""
+
+    def __init__(
+        self,
+        models: list[EvalModel],
+        x: torch.Tensor,
+        y: torch.Tensor,
+        num_classes: int,
+        seed: int,
+        on_batch: Callable[[], None] | None = None,
+    ) -> None:
+        super().__init__()
+        self.names = [m.name for m in models]
+        self.ensembles = {m.name for m in models if m.is_ensemble}
+        self.nets = nn.ModuleDict({m.name: m.module for m in models})
+        self.base = self.names[0]
+        self.x, self.y = x, y
+        self.num_classes = num_classes
+        self.seed = seed
+        self.on_batch = on_batch
+        self.job: Job | None = None
+        self.cells = nn.ModuleDict()
+        self.results: dict[tuple[str, str], dict[str, Any]] = {}
+
+    def start(self, job: Job) -> None:
+        self.job = job
+        self.results = {}
+        self.cells = nn.ModuleDict(
+            {
+                f"{name}|{threat}": CellMetric(name in self.ensembles)
+                for threat in job.threats
+                for name in self.names
+            }
+        )
+
+    def test_dataloader(self) -> DataLoader:
+        assert self.job is not None
+        sampler = ShardedBatches(
+            len(self.y), self.job.batch_size, self.trainer.global_rank, self.trainer.world_size
+        )
+        batches = Batches(self.x, self.y, self.job.batch_size)
+        return DataLoader(batches, batch_size=None, sampler=sampler)  # items are whole batches
+
+    def craft(self, name: str, x: torch.Tensor, y: torch.Tensor, batch: int) -> tuple:
+        """Adversarial inputs crafted on model `name`, with out-of-budget ones reset to x."""
+        job = self.job
+        assert job is not None and job.attack is not None
+        seed = derive_seed(self.seed, job.role, job.attack, f"{job.eps:.10g}", name, batch)
+        torch.manual_seed(seed)
+        if torch.cuda.is_available():
+            torch.cuda.manual_seed_all(seed)
+        model = self.nets[name]
+        attack = build_attack(job.attack, model, job.eps, job.options, seed, self.num_classes)
+        with torch.enable_grad():
+            adv = attack(x, y).detach()
+        info = ATTACKS[job.attack]
+        size = perturbation_norm(adv - x, info.norm)
+        outside = (size > job.eps * (1 + BUDGET_SLACK) + BUDGET_SLACK) | (
+            (adv < -BUDGET_SLACK) | (adv > 1 + BUDGET_SLACK)
+        ).flatten(1).any(dim=1)
+        adv = torch.where(outside.view(-1, *[1] * (x.dim() - 1)), x, adv)
+        # An unbounded attack (cw) beyond eps simply failed at this budget; a bounded attack
+        # leaving its budget is a bug that the sanity checks report.
+        violations = int(outside.sum()) if info.bounded else 0
+        return adv, violations
+
+    def test_step(self, batch: tuple, batch_idx: int) -> None:
+        x, y, index = batch
+        job = self.job
+        assert job is not None
+        if len(y) == 0:
+            return
+        number = int(index[0]) // job.batch_size  # the batch's global number
+        clean = {name: model_outputs(self.nets[name], x) for name in self.names}
+        if job.attack is None:
+            for name in self.names:
+                self.cells[f"{name}|clean"].update(index, y, clean[name], clean[name], 0)
+        else:
+            crafted: dict[str, tuple] = {}
+
+            def on(name: str) -> tuple:
+                if name not in crafted:
+                    crafted[name] = self.craft(name, x, y, number)
+                return crafted[name]
+
+            for threat in job.threats:
+                for name in self.names:
+                    adv, violations = on(self.base if threat == "transfer" else name)
+                    outs = model_outputs(self.nets[name], adv)
+                    self.cells[f"{name}|{threat}"].update(index, y, clean[name], outs, violations)
+        if self.on_batch is not None:
+            self.on_batch()
+
+    def on_test_epoch_end(self) -> None:
+        # Every process computes every cell in the same order: compute() is the collective.
+        self.results = {
+            tuple(key.split("|")): metric.compute() for key, metric in self.cells.items()
+        }
+
+
+def _quiet_lightning() -> None:
+    for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for pattern in (
+        ".*does not have many workers.*",
+        ".*LeafSpec.*is deprecated.*",
+        ".*compute.*was called before.*update.*",
+        ".*self.log.*",
+    ):
+        warnings.filterwarnings("ignore", message=pattern)
+
+
+def is_launching_process() -> bool:
+    """True in the process the user started (not in DDP workers Lightning launched)."""
+    return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
+
+
+@dataclass
+class JobResult:
+    job: Job
+    cells: dict[tuple[str, str], dict[str, Any]]
+    seconds: float
+
+
+def result_rows(result: JobResult) -> list[dict[str, Any]]:
+    """Flat report rows for one job: counts, accuracy and its Wilson 95% interval."""
+    job = result.job
+    rows = []
+    for (model, threat), c in result.cells.items():
+        n, k = c["n"], c["correct"]
+        lo, hi = wilson_interval(k, n)
+        rows.append(
+            {
+                "role": job.role,
+                "model": model,
+                "attack": job.attack,
+                "threat": threat,
+                "eps": job.eps,
+                "norm": ATTACKS[job.attack].norm if job.attack else None,
+                "n": n,
+                "correct": k,
+                "accuracy": k / n if n else None,
+                "ci95": [lo, hi],
+                "agreement": c["agreement"],
+                "auroc_mi": None if job.attack is None else c["auroc_mi"],
+                "auroc_mi_successful": None if job.attack is None else c["auroc_mi_successful"],
+                "budget_violations": c["budget_violations"],
+                "correct_mask": c["correct_mask"],
+                "batch_size": job.batch_size,
+                "seconds": round(result.seconds, 3),
+            }
+        )
+    return rows
+
+
+class Sweep:
+    """Runs the jobs of a sweep over the models on (x, y), one Lightning test pass per job."""
+
+    def __init__(
+        self,
+        models: list[EvalModel],
+        x: torch.Tensor,
+        y: torch.Tensor,
+        num_classes: int,
+        config: EvalConfig,
+    ) -> None:
+        if not models:
+            raise UserError("nothing to evaluate: no models given")
+        self.models, self.x, self.y = models, x, y
+        self.num_classes, self.config = num_classes, config
+        self.jobs = self._size_jobs(jobs_for(config))
+
+    def _size_jobs(self, jobs: list[Job]) -> list[Job]:
+        sample = self.x[:1]
+        estimates = {m.name: memory.estimate(m.module, sample) for m in self.models}
+        input_bytes = sample.numel() * sample.element_size()
+        sized = []
+        for job in jobs:
+            attacked = (
+                {self.models[0].name: estimates[self.models[0].name]}
+                if job.threats == ("transfer",)
+                else estimates
+            )
+            b = memory.fit_batch(
+                attacked, job.attack, self.config.batch_size, self.config.max_memory_mb,
+                input_bytes,
+            )  # fmt: skip
+            sized.append(Job(job.role, job.attack, job.eps, job.threats, job.options, b))
+        return sized
+
+    def trainer(self) -> pl.Trainer:
+        _quiet_lightning()
+        return pl.Trainer(
+            accelerator=self.config.accelerator,
+            devices=self.config.devices,
+            strategy=self.config.strategy,
+            num_nodes=self.config.num_nodes,
+            precision="32-true",
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            inference_mode=False,  # attacks need gradients inside test_step
+            use_distributed_sampler=False,  # ShardedBatches shards without padding
+        )
+
+    def run(
+        self,
+        on_job_done: Callable[[JobResult], None] | None = None,
+        on_batch: Callable[[], None] | None = None,
+    ) -> list[JobResult]:
+        """Run every job; `on_job_done` sees each result as soon as all processes have it."""
+        trainer = self.trainer()
+        module = SweepModule(
+            self.models, self.x, self.y, self.num_classes, self.config.seed, on_batch
+        )
+        results = []
+        for job in self.jobs:
+            module.start(job)
+            started = time.perf_counter()
+            trainer.test(module, verbose=False)
+            result = JobResult(job, dict(module.results), time.perf_counter() - started)
+            results.append(result)
+            if on_job_done is not None:
+                on_job_done(result)
+        self.is_global_zero = trainer.is_global_zero
+        self.world_size = trainer.world_size
+        for m in self.models:  # Lightning may have moved them to the accelerator
+            m.module.cpu()
+        return results
+
+    def batches_on_rank0(self, world_size: int) -> int:
+        """How many batches the progress bar of process 0 will see over the whole sweep."""
+        return sum(len(ShardedBatches(len(self.y), j.batch_size, 0, world_size)) for j in self.jobs)
+
+
+@torch.no_grad()
+def clean_accuracy(module: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 512) -> int:
+    """Correct predictions on (x, y) by a plain loop, independent of the Lightning sweep."""
+    module.eval()
+    correct = 0
+    for s in range(0, len(y), batch):
+        correct += int((model_outputs(module, x[s : s + batch]).label == y[s : s + batch]).sum())
+    return correct

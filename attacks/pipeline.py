@@ -1,0 +1,166 @@
+"""Run a whole evaluation: the sweep, partial reports as jobs finish, sanity checks, figures.
+
+Only the process the user started writes files; under DDP the other processes compute their
+shards and leave. Each finished job rewrites report.json/report.md (status "running"), so an
+attack that fails midway leaves every number computed before it on disk (status "failed").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from attacks.evaluate import (
+    EvalConfig,
+    EvalModel,
+    JobResult,
+    Sweep,
+    clean_accuracy,
+    is_launching_process,
+    result_rows,
+)
+from attacks.registry import resolved_hyperparameters
+from attacks.report import Report, write_report
+from attacks.sanity import run_checks
+from attacks.threats import plan
+from orbit.errors import UserError
+
+
+def environment(world_size: int) -> dict[str, Any]:
+    versions = {"python": platform.python_version()}
+    for pkg in (
+        "orbit", "torch", "pytorch-lightning", "torchmetrics", "torchattacks",
+        "scikit-learn", "matplotlib", "numpy",
+    ):  # fmt: skip
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[pkg] = metadata.version(pkg)
+    return {
+        "versions": versions,
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "world_size": world_size,
+    }
+
+
+def _eps0_rows(clean_rows: list[dict], config: EvalConfig) -> list[dict]:
+    """eps = 0 is the clean input: every requested cell gets the clean numbers at eps 0."""
+    rows = []
+    for cell in plan(list(config.attacks), list(config.threats)):
+        if 0.0 not in config.eps_for(cell.attack):
+            continue
+        for r in clean_rows:
+            rows.append(
+                {**r, "role": "sweep", "attack": cell.attack, "threat": cell.threat,
+                 "from_clean": True}
+            )  # fmt: skip
+    return rows
+
+
+@contextlib.contextmanager
+def _progress(enabled: bool, total: int) -> Iterator[Any]:
+    if not enabled:
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        transient=False,
+    ) as bar:
+        yield bar
+
+
+def evaluate(
+    models: list[EvalModel],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    num_classes: int,
+    config: EvalConfig,
+    out_dir: str | Path,
+    data_info: dict[str, Any],
+    reference_clean: dict[str, tuple[int, int]] | None = None,
+) -> Report | None:
+    """Evaluate `models` (the first is the base: the transfer source) on (x, y).
+
+    Returns the final report in the process the user started, None in other DDP processes.
+    """
+    started = time.perf_counter()
+    out = Path(out_dir)
+    writer = is_launching_process()
+    sweep = Sweep(models, x, y, num_classes, config)
+    world = config.devices * config.num_nodes
+    report = Report(
+        config={
+            **config.to_json(),
+            "hyperparameters": {
+                a: resolved_hyperparameters(a, config.options) for a in config.attacks
+            },
+            "jobs": [{"label": j.label, "batch_size": j.batch_size} for j in sweep.jobs],
+        },
+        environment=environment(world),
+        data=data_info,
+        models={
+            m.name: {"kind": "ensemble" if m.is_ensemble else "model", **m.meta} for m in models
+        },
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+    )
+
+    with _progress(writer and config.progress, sweep.batches_on_rank0(world)) as bar:
+        task = bar.add_task("evaluating", total=sweep.batches_on_rank0(world)) if bar else None
+
+        def on_batch() -> None:
+            if bar is not None:
+                bar.advance(task)
+
+        def on_job_done(result: JobResult) -> None:
+            rows = result_rows(result)
+            report.rows += rows
+            if result.job.role == "clean":
+                report.rows += _eps0_rows(rows, config)
+            report.seconds = round(time.perf_counter() - started, 2)
+            if bar is not None:
+                bar.update(task, description=f"done: {result.job.label}")
+            if writer:
+                write_report(out, report)
+
+        try:
+            sweep.run(on_job_done=on_job_done, on_batch=on_batch)
+        except BaseException as e:
+            if writer:
+                report.status = "failed"
+                report.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                report.seconds = round(time.perf_counter() - started, 2)
+                write_report(out, report)
+            if isinstance(e, RuntimeError) and "out of memory" in str(e).lower():
+                raise UserError(
+                    f"the attack ran out of memory ({report.error}); lower --max-memory-mb or"
+                    f" --batch-size (numbers computed so far are in {out})"
+                ) from None
+            raise
+
+    if not sweep.is_global_zero:
+        return None
+    report.environment["world_size"] = sweep.world_size
+    independent = {m.name: (clean_accuracy(m.module, x, y), len(y)) for m in models}
+    report.sanity = [c.to_json() for c in run_checks(report.rows, [m.name for m in models],
+                                                     independent, reference_clean)]  # fmt: skip
+    report.status = "complete"
+    report.seconds = round(time.perf_counter() - started, 2)
+    from attacks.plots import write_plots
+
+    write_plots(report, out)
+    write_report(out, report)
+    return report

@@ -1,0 +1,64 @@
+"""Interval estimates and detection scores for the report."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+Z95 = 1.959963984540054  # two-sided 95% normal quantile
+
+
+def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion (well behaved at 0 and 1, unlike Wald)."""
+    if n <= 0:
+        return (0.0, 1.0)
+    if not 0 <= successes <= n:
+        raise ValueError(f"successes must lie in [0, {n}], got {successes}")
+    p = successes / n
+    z2 = z * z
+    denom = 1.0 + z2 / n
+    centre = (p + z2 / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def auroc(negatives: np.ndarray, positives: np.ndarray) -> float | None:
+    """AUROC of a score at ranking positives above negatives (ties count one half).
+
+    None when either class is empty. Uses scikit-learn's roc_auc_score, which is independent
+    of the order of the samples (so a sharded run gives the single-process number).
+    """
+    from sklearn.metrics import roc_auc_score
+
+    negatives = np.asarray(negatives, dtype=np.float64).ravel()
+    positives = np.asarray(positives, dtype=np.float64).ravel()
+    if negatives.size == 0 or positives.size == 0:
+        return None
+    scores = np.concatenate([negatives, positives])
+    labels = np.concatenate([np.zeros(negatives.size), np.ones(positives.size)])
+    return float(roc_auc_score(labels, scores))
+
+
+def encode_mask(ids: np.ndarray, oks: np.ndarray) -> str:
+    """Per-input correctness as hex: bit i (numpy packbits order) = input i stayed correct."""
+    n = int(ids.max()) + 1 if ids.size else 0
+    bits = np.zeros(n, dtype=bool)
+    bits[np.asarray(ids).astype(np.int64)] = np.asarray(oks) > 0.5
+    return np.packbits(bits).tobytes().hex()
+
+
+def decode_mask(mask: str, n: int) -> np.ndarray:
+    return np.unpackbits(np.frombuffer(bytes.fromhex(mask), dtype=np.uint8))[:n].astype(bool)
+
+
+def sign_test(b: int, c: int) -> float:
+    """One-sided exact McNemar (sign) test: P(X >= b) for X ~ Binomial(b + c, 1/2).
+
+    With b inputs that only attack A left correct and c that only attack B left correct, a
+    small value says A is really weaker than B on these inputs, not just unlucky.
+    """
+    n = b + c
+    if n == 0:
+        return 1.0
+    return sum(math.comb(n, k) for k in range(b, n + 1)) / 2**n

@@ -1,0 +1,79 @@
+"""Threat models and the sweep plan: which (attack, threat model, eps) cells one run evaluates.
+
+- transfer:  crafted on the base model, evaluated on every model (the attacker never sees the
+             ensemble's members);
+- white-box: crafted on each evaluated model itself; an ensemble through its fused
+             log-mean-probability output (the adaptive attacker);
+- black-box: query-only (Square) against each model, to expose gradient masking.
+
+Gradient attacks run under transfer and white-box; the query-only attack (square) is the
+black-box threat model, so `--threat black-box` adds square and `square` runs as black-box.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from attacks.registry import ATTACKS
+from orbit.errors import UserError
+
+THREATS = ("transfer", "white-box", "black-box")
+BLACK_BOX_ATTACK = "square"
+
+# The sanity check "a large eps drives accuracy near zero": white-box PGD at an L-inf budget
+# of half the pixel range, with more steps than the sweep, must fool (almost) every input.
+UNBOUNDED_EPS = 0.5
+UNBOUNDED_STEPS = 20
+
+
+def parse_threats(text: str) -> list[str]:
+    names = [n.strip().lower() for n in text.split(",") if n.strip()]
+    if not names:
+        raise UserError(f"--threat is empty; choose from: {', '.join(THREATS)}")
+    unknown = [n for n in names if n not in THREATS]
+    if unknown:
+        raise UserError(f"unknown threat model {unknown[0]!r}; choose from: {', '.join(THREATS)}")
+    return list(dict.fromkeys(names))
+
+
+def parse_eps(text: str, flag: str = "--eps") -> list[float]:
+    """'0,0.05,0.1' -> sorted unique budgets; negative or non-numeric values are user errors."""
+    values: list[float] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        try:
+            v = float(part)
+        except ValueError:
+            raise UserError(f"{flag}: {part!r} is not a number (e.g. {flag} 0,0.05,0.1)") from None
+        if v != v or v < 0:
+            raise UserError(f"{flag}: budgets must be >= 0 (pixel units), got {part}")
+        values.append(v)
+    if not values:
+        raise UserError(f"{flag} is empty; give budgets such as 0,0.05,0.1")
+    return sorted(set(values))
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One attack under one threat model; evaluated at every eps of its norm."""
+
+    attack: str
+    threat: str
+
+
+def plan(attacks: list[str], threats: list[str]) -> list[Cell]:
+    """The (attack, threat) cells of the sweep, in a fixed order."""
+    attacks = list(attacks)
+    threats = list(threats)
+    if "black-box" in threats and BLACK_BOX_ATTACK not in attacks:
+        attacks.append(BLACK_BOX_ATTACK)
+    cells: list[Cell] = []
+    for a in attacks:
+        if not ATTACKS[a].gradient:
+            cells.append(Cell(a, "black-box"))
+            continue
+        cells += [Cell(a, t) for t in threats if t != "black-box"]
+    if not cells:
+        raise UserError("nothing to evaluate: gradient attacks need --threat transfer or white-box")
+    return cells
