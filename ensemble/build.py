@@ -168,7 +168,7 @@ def _orbit(
     import torch
 
     from ensemble.perturbed import build_random, perturbed_distance
-    from ensemble.symmetry import MAX_CONDITION, build_symmetry
+    from ensemble.symmetry import build_symmetry
 
     assert request.members is not None
     sym = build_symmetry(
@@ -183,7 +183,7 @@ def _orbit(
     )
     exact = k <= sym.g.shape[-1]
     if request.method == "symmetry":
-        info["max_condition"] = MAX_CONDITION
+        info["max_condition"] = sym.max_condition
         info["exact_on_anchors"] = exact
         tensors = {
             "g": sym.g.to(torch.float32),

@@ -29,6 +29,10 @@ from training.models import OrbitClassifier, find_slot
 # member at eps <= 1. Far out, the float32 error also grows with the size of the move (even after
 # redraws), which is why the build measures it on every member and warns past 1e-4.
 MAX_CONDITION = 1e4
+# With k > h (least squares, never exact) sigma(H0 g^T) is tall and measured at 1e4..1.5e5 on the
+# same models (k = 80..256); its members are approximate anyway and their fidelity is reported, so
+# only solves that are numerically meaningless are redrawn.
+MAX_CONDITION_LSQ = 1e6
 MAX_REDRAWS = 10  # per member; then the build stops with the numbers
 FEATURE_CHUNK = 1024
 
@@ -116,6 +120,7 @@ class SymmetryBuild:
     redraws: torch.Tensor  # [N] int64, how many times each member's T was redrawn
     distance: torch.Tensor  # [N] float64, head-parameter distance to the base
     warnings: list[str]
+    max_condition: float  # the redraw threshold that was applied
 
 
 @torch.no_grad()
@@ -160,14 +165,19 @@ def build_symmetry(
     anchors: int,
     algebra: str = "gl",
     seed: int = 0,
-    max_condition: float = MAX_CONDITION,
+    max_condition: float | None = None,
     max_redraws: int = MAX_REDRAWS,
 ) -> SymmetryBuild:
-    """Build N symmetry members of `base`, each exact on its own k training anchors (k <= h)."""
+    """Build N symmetry members of `base`, each exact on its own k training anchors (k <= h).
+
+    max_condition defaults to MAX_CONDITION (k <= h) or MAX_CONDITION_LSQ (k > h).
+    """
     slot = find_slot(base)
     base.eval()
     h = slot.fc1.out_features
     notes = _check_build_args(members, eps, anchors, h, algebra)
+    if max_condition is None:
+        max_condition = MAX_CONDITION if anchors <= h else MAX_CONDITION_LSQ
     idx = member_anchors(train_y, anchors, members, seed)  # [N, k]
     uniq, inverse = torch.unique(idx, return_inverse=True)
     z = slot_inputs(base, train_x[uniq]).to(torch.float64)
@@ -213,7 +223,9 @@ def build_symmetry(
     for note in notes:
         warnings.warn(note, stacklevel=2)
     ensemble = SymmetryEnsemble(base, g, u)
-    return SymmetryBuild(ensemble, g, u, idx, condition, residual, redraws, distance, notes)
+    return SymmetryBuild(
+        ensemble, g, u, idx, condition, residual, redraws, distance, notes, max_condition
+    )
 
 
 def _failure_message(
