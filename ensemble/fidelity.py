@@ -44,17 +44,40 @@ def anchor_errors(
     return errors
 
 
+def _shares_trunk(ensemble: FusedEnsemble, base: nn.Module) -> bool:
+    """True when the ensemble runs the base's own normalize + trunk (same weights)."""
+    if not hasattr(ensemble, "member_logits_from_features") or not hasattr(base, "features"):
+        return False
+    for name in ("normalize", "trunk"):
+        mine, theirs = getattr(ensemble, name, None), getattr(base, name, None)
+        if mine is None or theirs is None:
+            return False
+        a, b = mine.state_dict(), theirs.state_dict()
+        if a.keys() != b.keys() or not all(torch.equal(a[k], b[k]) for k in a):
+            return False
+    return True
+
+
 @torch.no_grad()
 def split_fidelity(ensemble: FusedEnsemble, base: nn.Module, split: Split) -> dict[str, Any]:
-    """Accuracy of base, members and ensemble, and agreement with the base, on one split."""
+    """Accuracy of base, members and ensemble, and agreement with the base, on one split.
+
+    When the ensemble shares the base's trunk, it is run once per batch for both.
+    """
     n = ensemble.num_members
+    shared = _shares_trunk(ensemble, base)
     base_ok = ens_ok = ens_agree = 0
     member_ok = torch.zeros(n, dtype=torch.int64)
     member_agree = torch.zeros(n, dtype=torch.int64)
     agreement_sum = mi_sum = 0.0
     for x, y in zip(split.x.split(BATCH), split.y.split(BATCH), strict=True):
-        base_pred = base(x).argmax(-1)
-        logits = ensemble.member_logits(x)
+        if shared:
+            z = base.features(x)
+            base_pred = base.slot(z).argmax(-1)
+            logits = ensemble.member_logits_from_features(z)
+        else:
+            base_pred = base(x).argmax(-1)
+            logits = ensemble.member_logits(x)
         pred = summarize(logits)
         votes = logits.argmax(-1)  # [N, B]
         base_ok += int((base_pred == y).sum())

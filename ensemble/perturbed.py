@@ -52,13 +52,19 @@ class PerturbedEnsemble(FusedEnsemble):
 
     def _logits_ncb(self, x: torch.Tensor) -> torch.Tensor:
         """Members' logits as [N, C, B] (the fast layout, as in SymmetryEnsemble)."""
-        z = self.trunk(self.normalize(x))
+        return self._head_ncb(self.trunk(self.normalize(x)))
+
+    def _head_ncb(self, z: torch.Tensor) -> torch.Tensor:
         a = self.act(nn.functional.linear(z, self.w1_flat, self.b1_flat))  # [B, N*h]
         a = a.reshape(-1, self.num_members, self.hidden).permute(1, 2, 0)  # [N, h, B]
         return torch.matmul(self.w2, a) + self.b2.unsqueeze(-1)
 
     def member_logits(self, x: torch.Tensor) -> torch.Tensor:
         return self._logits_ncb(x).transpose(1, 2)
+
+    def member_logits_from_features(self, z: torch.Tensor) -> torch.Tensor:
+        """[N, B, C] from the trunk's output z (shared with the base model it was built from)."""
+        return self._head_ncb(z).transpose(1, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         log_p = torch.log_softmax(self._logits_ncb(x), dim=1)

@@ -81,13 +81,20 @@ class SymmetryEnsemble(FusedEnsemble):
 
     def _logits_ncb(self, x: torch.Tensor) -> torch.Tensor:
         """Members' logits as [N, C, B]: trunk and H once, one GEMM for all G_n, one bmm."""
-        hidden = self.fc1(self.trunk(self.normalize(x)))  # [B, h]
+        return self._head_ncb(self.trunk(self.normalize(x)))
+
+    def _head_ncb(self, z: torch.Tensor) -> torch.Tensor:
+        hidden = self.fc1(z)  # [B, h]
         a = self.act(nn.functional.linear(hidden, self.g_flat))  # [B, N*h] = H G_n^T for all n
         a = a.reshape(-1, self.num_members, self.hidden).permute(1, 2, 0)  # [N, h, B]
         return torch.matmul(self.u_t, a) + self.b2.unsqueeze(-1)
 
     def member_logits(self, x: torch.Tensor) -> torch.Tensor:
         return self._logits_ncb(x).transpose(1, 2)  # [N, B, C]
+
+    def member_logits_from_features(self, z: torch.Tensor) -> torch.Tensor:
+        """[N, B, C] from the trunk's output z (shared with the base model it was built from)."""
+        return self._head_ncb(z).transpose(1, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """log of the mean member probability [B, C] (as FusedEnsemble.forward, other layout)."""

@@ -13,8 +13,9 @@ from torch import nn
 
 from ensemble.anchors import member_anchors
 from ensemble.artifacts import DESCRIPTION, FIDELITY, TENSORS, load_ensemble
-from ensemble.base import summarize
+from ensemble.base import FusedEnsemble, summarize
 from ensemble.build import BuildRequest, build_ensemble
+from ensemble.fidelity import split_fidelity
 from ensemble.perturbed import build_random, perturbed_distance
 from ensemble.symmetry import SymmetryEnsemble, build_symmetry, materialize_member
 from orbit.errors import UserError
@@ -270,3 +271,28 @@ def test_ensemble_needs_the_base_training_data(trained: LoadedModel, tmp_path: P
 def test_symmetry_ensemble_rejects_mismatched_tensors(trained: LoadedModel) -> None:
     with pytest.raises(ValueError, match="U has shape"):
         SymmetryEnsemble(trained.model, torch.eye(64).expand(2, 64, 64), torch.zeros(2, 64, 3))
+
+
+class _Opaque(FusedEnsemble):
+    """Hides everything but member_logits: fidelity must then run the full modules."""
+
+    def __init__(self, inner: FusedEnsemble) -> None:
+        super().__init__()
+        self.inner = inner
+
+    @property
+    def num_members(self) -> int:
+        return self.inner.num_members
+
+    def member_logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner.member_logits(x)
+
+
+def test_fidelity_shared_trunk_shortcut_changes_nothing(
+    trained: LoadedModel, splits: DatasetSplits
+) -> None:
+    b = build_symmetry(trained.model, splits.train.x, splits.train.y, members=8, eps=2.0, anchors=K)
+    fast = split_fidelity(b.ensemble, trained.model, splits.test)
+    slow = split_fidelity(_Opaque(b.ensemble), trained.model, splits.test)
+    assert fast == slow
+    assert fast["member_agreement_with_base"]["min"] < 1.0  # a case where members do differ
