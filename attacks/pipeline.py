@@ -19,8 +19,9 @@ from typing import Any
 
 import torch
 
+from attacks.catalog import resolved_hyperparameters
+from attacks.config import EvalConfig
 from attacks.evaluate import (
-    EvalConfig,
     EvalModel,
     JobResult,
     Sweep,
@@ -28,7 +29,6 @@ from attacks.evaluate import (
     is_launching_process,
     result_rows,
 )
-from attacks.registry import resolved_hyperparameters
 from attacks.report import Report, write_report
 from attacks.sanity import run_checks
 from attacks.threats import plan

@@ -6,7 +6,7 @@ import io
 import re
 from pathlib import Path
 
-from attacks.registry import ATTACKS
+from attacks.catalog import ATTACKS
 from attacks.report import Report
 from orbit import atomic
 

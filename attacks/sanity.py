@@ -14,7 +14,7 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from attacks.registry import ATTACKS
+from attacks.catalog import ATTACKS
 from attacks.stats import decode_mask, sign_test
 from attacks.threats import UNBOUNDED_EPS, UNBOUNDED_STEPS
 

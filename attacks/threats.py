@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from attacks.registry import ATTACKS
+from attacks.catalog import ATTACKS
 from orbit.errors import UserError
 
 THREATS = ("transfer", "white-box", "black-box")

@@ -97,8 +97,8 @@ def evaluate_run(
 
     Returns the report in the process the user started, None in other DDP processes.
     """
-    from attacks.evaluate import EvalConfig
-    from attacks.registry import AttackOptions, parse_attacks
+    from attacks.catalog import AttackOptions, parse_attacks
+    from attacks.config import EvalConfig
     from attacks.threats import parse_eps, parse_threats
 
     config = EvalConfig(

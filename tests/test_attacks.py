@@ -1,0 +1,251 @@
+"""The attack registry on a small trained digits model, the statistics, the memory bound and the
+sanity checks' logic."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from attacks import memory
+from attacks.catalog import ATTACKS, AttackOptions, parse_attacks
+from attacks.registry import build_attack, perturbation_norm
+from attacks.sanity import NEAR_ZERO, run_checks
+from attacks.stats import auroc, decode_mask, encode_mask, sign_test, wilson_interval
+from attacks.threats import parse_eps, parse_threats, plan
+from orbit.errors import UserError
+from training.datasets import load_dataset
+from training.models import ModelSpec, build_model
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A small MLP trained on digits for a few seconds (plain torch), and 32 test inputs."""
+    torch.manual_seed(0)
+    d = load_dataset("digits")
+    mean, std = d.channel_stats()
+    model = build_model(ModelSpec("mlp", d.input_shape, 10, hidden=32, mean=mean, std=std))
+    opt = torch.optim.Adam(model.parameters(), 3e-3)
+    for _ in range(4):
+        perm = torch.randperm(len(d.train))
+        for i in range(0, len(perm), 64):
+            idx = perm[i : i + 64]
+            loss = nn.functional.cross_entropy(model(d.train.x[idx]), d.train.y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    return model, d.test.x[:32], d.test.y[:32]
+
+
+def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float((model(x).argmax(-1) == y).float().mean())
+
+
+@pytest.mark.parametrize("name", list(ATTACKS))
+def test_each_attack_lowers_accuracy_within_its_budget(trained, name):
+    model, x, y = trained
+    clean = _accuracy(model, x, y)
+    assert clean >= 0.9
+    info = ATTACKS[name]
+    eps = 0.3 if info.norm == "Linf" else 3.0
+    options = AttackOptions(steps=10, queries=100, cw_c=10.0, cw_lr=0.05)
+    torch.manual_seed(0)
+    adv = build_attack(name, model, eps, options, seed=0, num_classes=10)(x, y)
+    assert adv.shape == x.shape
+    adv = adv.detach()
+    assert float(adv.min()) >= 0.0 and float(adv.max()) <= 1.0
+    if info.bounded:
+        assert float(perturbation_norm(adv - x, info.norm).max()) <= eps * (1 + 1e-5)
+    assert _accuracy(model, adv, y) <= clean - 0.3
+
+
+def test_registry_rejects_unknown_names_and_bad_budgets():
+    assert parse_attacks("FGSM, pgd,fgsm") == ["fgsm", "pgd"]
+    with pytest.raises(UserError, match="unknown attack 'pgdd'"):
+        parse_attacks("fgsm,pgdd")
+    with pytest.raises(UserError, match="unknown threat model 'grey-box'"):
+        parse_threats("transfer,grey-box")
+    with pytest.raises(UserError, match=">= 0"):
+        parse_eps("0,-0.1")
+    with pytest.raises(UserError, match="not a number"):
+        parse_eps("0,abc")
+    assert parse_eps("0.1,0,0.1") == [0.0, 0.1]
+    with pytest.raises(UserError, match="--steps"):
+        AttackOptions(steps=0)
+
+
+def test_black_box_is_square_and_gradient_attacks_never_run_query_only():
+    cells = plan(["fgsm", "pgd"], ["transfer", "black-box"])
+    assert [(c.attack, c.threat) for c in cells] == [
+        ("fgsm", "transfer"),
+        ("pgd", "transfer"),
+        ("square", "black-box"),
+    ]
+    assert [(c.attack, c.threat) for c in plan(["square"], ["white-box"])] == [
+        ("square", "black-box")
+    ]
+
+
+def test_pgd_restarts_keep_the_first_success_per_input(trained):
+    model, x, y = trained
+    one = AttackOptions(steps=3, restarts=1)
+    three = AttackOptions(steps=3, restarts=3)
+    torch.manual_seed(0)
+    a1 = build_attack("pgd", model, 0.08, one, 0, 10)(x, y)
+    torch.manual_seed(0)
+    a3 = build_attack("pgd", model, 0.08, three, 0, 10)(x, y)
+    fooled1 = _accuracy(model, a1, y)
+    fooled3 = _accuracy(model, a3, y)
+    assert fooled3 <= fooled1  # the first restart is the single run; later ones only add
+    assert float(perturbation_norm(a3 - x, "Linf").max()) <= 0.08 * (1 + 1e-5)
+
+
+# --- statistics ---------------------------------------------------------------------------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(1, 5000), data=st.data())
+def test_wilson_interval_contains_the_estimate_and_is_symmetric(n, data):
+    k = data.draw(st.integers(0, n))
+    lo, hi = wilson_interval(k, n)
+    assert 0.0 <= lo <= k / n <= hi <= 1.0
+    lo2, hi2 = wilson_interval(n - k, n)
+    assert lo2 == pytest.approx(1 - hi, abs=1e-12) and hi2 == pytest.approx(1 - lo, abs=1e-12)
+    if n < 2500:
+        lo4, hi4 = wilson_interval(2 * k, 2 * n)
+        assert hi4 - lo4 < hi - lo  # more data, narrower interval
+
+
+def test_wilson_interval_covers_the_true_proportion_about_95_percent_of_the_time():
+    rng = np.random.default_rng(0)
+    for p, n in ((0.05, 40), (0.3, 100), (0.9, 359)):
+        draws = rng.binomial(n, p, size=4000)
+        covered = np.mean([lo <= p <= hi for lo, hi in (wilson_interval(int(k), n) for k in draws)])
+        assert 0.92 <= covered <= 0.985, (p, n, covered)
+
+
+@pytest.mark.parametrize("b,c", [(0, 0), (5, 1), (1, 5), (12, 3), (40, 40), (0, 9)])
+def test_sign_test_is_scipys_exact_binomial_test(b, c):
+    from scipy.stats import binomtest
+
+    expected = 1.0 if b + c == 0 else binomtest(b, b + c, 0.5, alternative="greater").pvalue
+    assert sign_test(b, c) == pytest.approx(expected, rel=1e-12)
+
+
+def test_auroc_matches_torchmetrics_and_ignores_sample_order():
+    from torchmetrics.functional.classification import binary_auroc
+
+    rng = np.random.default_rng(1)
+    neg = rng.normal(0, 1, 300).round(1)  # rounded: plenty of ties
+    pos = rng.normal(0.7, 1, 200).round(1)
+    ours = auroc(neg, pos)
+    scores = torch.tensor(np.concatenate([neg, pos]))
+    labels = torch.tensor([0] * 300 + [1] * 200)
+    assert ours == pytest.approx(float(binary_auroc(scores, labels)), abs=1e-6)
+    assert auroc(rng.permutation(neg), rng.permutation(pos)) == ours
+    assert auroc(neg, np.array([])) is None
+
+
+def test_correctness_mask_round_trips_in_any_order():
+    rng = np.random.default_rng(2)
+    ok = rng.random(77) > 0.4
+    order = rng.permutation(77)
+    mask = encode_mask(order.astype(np.float32), ok[order].astype(np.float32))
+    assert (decode_mask(mask, 77) == ok).all()
+
+
+# --- memory bound -------------------------------------------------------------------------------
+
+
+def test_memory_estimate_grows_with_width_and_cuts_batches_to_the_bound():
+    x = torch.rand(1, 1, 8, 8)
+    small = build_model(ModelSpec("mlp", (1, 8, 8), 10, hidden=16)).eval()
+    wide = build_model(ModelSpec("cnn", (1, 8, 8), 10, hidden=16)).eval()
+    e_small, e_wide = memory.estimate(small, x), memory.estimate(wide, x)
+    assert 0 < e_small.per_input_bytes < e_wide.per_input_bytes
+    one = e_wide.attack_bytes("pgd", 1, x.numel() * 4)
+    fits = memory.fit_batch({"cnn": e_wide}, "pgd", 1000, 10 * one / 2**20, x.numel() * 4)
+    assert 1 <= fits < 1000
+    assert e_wide.attack_bytes("pgd", fits, x.numel() * 4) <= 10 * one
+    with pytest.raises(UserError, match="--max-memory-mb"):
+        memory.fit_batch({"cnn": e_wide}, "pgd", 10, 0.5 * one / 2**20, x.numel() * 4)
+
+
+# --- sanity-check logic on constructed rows -----------------------------------------------------
+
+
+def _row(model, attack, threat, eps, correct_ids, n=200, role="sweep", violations=0):
+    ok = np.zeros(n, dtype=bool)
+    ok[list(correct_ids)] = True
+    return {
+        "role": role,
+        "model": model,
+        "attack": attack,
+        "threat": threat,
+        "eps": eps,
+        "n": n,
+        "correct": int(ok.sum()),
+        "budget_violations": violations,
+        "correct_mask": np.packbits(ok).tobytes().hex(),
+    }
+
+
+def _statuses(checks, model):
+    return {c.check: c.status for c in checks if c.model == model}
+
+
+def test_sanity_checks_pass_a_consistent_evaluation_and_flag_masking():
+    clean = range(0, 190)
+    rows = [
+        _row(m, None, "clean", 0.0, clean, role="clean") for m in ("base", "ens")
+    ]  # fmt: skip
+    rows += [
+        _row("base", "fgsm", "white-box", 0.1, range(0, 120)),
+        _row("base", "pgd", "white-box", 0.1, range(0, 90)),
+        _row("base", "pgd", "white-box", 0.5, range(0, 1), role="sanity"),
+        _row("ens", "fgsm", "transfer", 0.1, range(0, 125)),
+        _row("ens", "fgsm", "white-box", 0.1, range(0, 121)),
+        # white-box pgd on the ensemble leaves 60 more inputs correct than transfer: masking
+        _row("ens", "pgd", "transfer", 0.1, range(0, 95)),
+        _row("ens", "pgd", "white-box", 0.1, range(0, 155)),
+        _row("ens", "pgd", "white-box", 0.5, range(0, 40), role="sanity"),
+    ]
+    independent = {"base": (190, 200), "ens": (190, 200)}
+    checks = run_checks(rows, ["base", "ens"], independent)
+    base = _statuses(checks, "base")
+    assert "warning" not in base.values()
+    assert base["white-box beats transfer"] == "skipped"
+    ens = _statuses(checks, "ens")
+    assert ens["white-box beats transfer"] == "warning"
+    assert ens["iterative attacks beat single-step"] == "warning"  # pgd 155 > fgsm 121
+    assert ens["large eps drives accuracy near zero"] == "warning"
+    assert NEAR_ZERO < 40 / 200
+    assert ens["eps=0 equals clean accuracy"] == "passed"
+
+
+def test_sanity_checks_tolerate_equal_attacks_landing_a_few_inputs_apart():
+    rows = [_row("ens", None, "clean", 0.0, range(190), role="clean")]
+    rows += [
+        _row("ens", "pgd", "transfer", 0.1, range(0, 100)),
+        _row("ens", "pgd", "white-box", 0.1, range(2, 104)),  # 4 vs 2 discordant inputs
+    ]
+    checks = run_checks(rows, ["base", "ens"], {"ens": (190, 200)})
+    assert _statuses(checks, "ens")["white-box beats transfer"] == "passed"
+
+
+def test_sanity_checks_flag_rising_accuracy_budget_violations_and_clean_mismatch():
+    rows = [_row("base", None, "clean", 0.0, range(150), role="clean")]
+    rows += [
+        _row("base", "pgd", "white-box", 0.1, range(0, 40), violations=3),
+        _row("base", "pgd", "white-box", 0.2, range(0, 110)),
+    ]
+    checks = run_checks(rows, ["base"], {"base": (149, 200)})
+    s = _statuses(checks, "base")
+    assert s["accuracy falls as eps grows"] == "warning"
+    assert s["perturbations within budget"] == "warning"
+    assert s["eps=0 equals clean accuracy"] == "warning"
