@@ -50,7 +50,7 @@ class PerturbedEnsemble(FusedEnsemble):
     def hidden(self) -> int:
         return int(self.w2.shape[2])
 
-    def _logits_ncb(self, x: torch.Tensor) -> torch.Tensor:
+    def member_logits_ncb(self, x: torch.Tensor) -> torch.Tensor:
         """Members' logits as [N, C, B] (the fast layout, as in SymmetryEnsemble)."""
         return self._head_ncb(self.trunk(self.normalize(x)))
 
@@ -60,14 +60,14 @@ class PerturbedEnsemble(FusedEnsemble):
         return torch.matmul(self.w2, a) + self.b2.unsqueeze(-1)
 
     def member_logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self._logits_ncb(x).transpose(1, 2)
+        return self.member_logits_ncb(x).transpose(1, 2)
 
     def member_logits_from_features(self, z: torch.Tensor) -> torch.Tensor:
         """[N, B, C] from the trunk's output z (shared with the base model it was built from)."""
         return self._head_ncb(z).transpose(1, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        log_p = torch.log_softmax(self._logits_ncb(x), dim=1)
+        log_p = torch.log_softmax(self.member_logits_ncb(x), dim=1)
         return (torch.logsumexp(log_p, dim=0) - math.log(self.num_members)).transpose(0, 1)
 
     def member_heads(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -79,7 +79,7 @@ class SymmetryEnsemble(FusedEnsemble):
         """U [N, h, C] (float32) = Pi W2^T, the members' folded second layers."""
         return self.u_t.transpose(1, 2)
 
-    def _logits_ncb(self, x: torch.Tensor) -> torch.Tensor:
+    def member_logits_ncb(self, x: torch.Tensor) -> torch.Tensor:
         """Members' logits as [N, C, B]: trunk and H once, one GEMM for all G_n, one bmm."""
         return self._head_ncb(self.trunk(self.normalize(x)))
 
@@ -90,7 +90,7 @@ class SymmetryEnsemble(FusedEnsemble):
         return torch.matmul(self.u_t, a) + self.b2.unsqueeze(-1)
 
     def member_logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self._logits_ncb(x).transpose(1, 2)  # [N, B, C]
+        return self.member_logits_ncb(x).transpose(1, 2)  # [N, B, C]
 
     def member_logits_from_features(self, z: torch.Tensor) -> torch.Tensor:
         """[N, B, C] from the trunk's output z (shared with the base model it was built from)."""
@@ -98,7 +98,7 @@ class SymmetryEnsemble(FusedEnsemble):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """log of the mean member probability [B, C] (as FusedEnsemble.forward, other layout)."""
-        log_p = torch.log_softmax(self._logits_ncb(x), dim=1)
+        log_p = torch.log_softmax(self.member_logits_ncb(x), dim=1)
         return (torch.logsumexp(log_p, dim=0) - math.log(self.num_members)).transpose(0, 1)
 
 
