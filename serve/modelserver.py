@@ -7,8 +7,8 @@ anything listens, OrbitModelServer sets the Config's host and hands uvicorn serv
 of kserve's app. gRPC is left off by the caller, so the REST port is the only one opened.
 
 kserve's own binary decoder turns every tensor into a Python list, one `.item()` per value:
-930 ms for one request of 256 3x32x32 images, 1.3 ms for 32 8x8 ones (median, measured on the
-2-core dev box with benchmarks/bench_serve.py). OrbitDataPlane keeps each binary tensor as a
+650-930 ms for one request of 256 3x32x32 images, 1.3 ms for 32 8x8 ones (medians of two runs
+of benchmarks/bench_serve.py on the 2-core dev box). OrbitDataPlane keeps each binary tensor as a
 numpy view of the body instead (about 7 us); the guard has already checked the layout.
 """
 
