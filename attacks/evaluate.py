@@ -447,8 +447,8 @@ class Sweep:
                 on_job_done(result)
         self.is_global_zero = trainer.is_global_zero
         self.world_size = trainer.world_size
-        for m in self.models:  # Lightning may have moved them to the accelerator
-            m.module.cpu()
+        for m in self.models:  # Lightning may have moved them to the accelerator / train mode
+            m.module.cpu().eval()
         return results
 
     def batches_on_rank0(self, world_size: int) -> int:

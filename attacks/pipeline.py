@@ -71,6 +71,7 @@ def _progress(enabled: bool, total: int) -> Iterator[Any]:
     if not enabled:
         yield None
         return
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
     with Progress(
@@ -78,6 +79,7 @@ def _progress(enabled: bool, total: int) -> Iterator[Any]:
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
+        console=Console(stderr=True),
         transient=False,
     ) as bar:
         yield bar
@@ -155,8 +157,11 @@ def evaluate(
         return None
     report.environment["world_size"] = sweep.world_size
     independent = {m.name: (clean_accuracy(m.module, x, y), len(y)) for m in models}
-    report.sanity = [c.to_json() for c in run_checks(report.rows, [m.name for m in models],
-                                                     independent, reference_clean)]  # fmt: skip
+    checks = run_checks(
+        report.rows, [m.name for m in models], independent, reference_clean, config.options,
+        list(config.attacks),
+    )  # fmt: skip
+    report.sanity = [c.to_json() for c in checks]
     report.status = "complete"
     report.seconds = round(time.perf_counter() - started, 2)
     from attacks.plots import write_plots

@@ -14,7 +14,7 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from attacks.catalog import ATTACKS
+from attacks.catalog import ATTACKS, AttackOptions
 from attacks.stats import decode_mask, sign_test
 from attacks.threats import UNBOUNDED_EPS, UNBOUNDED_STEPS
 
@@ -94,10 +94,15 @@ def run_checks(
     models: list[str],
     independent_clean: dict[str, tuple[int, int]],
     reference_clean: dict[str, tuple[int, int]] | None = None,
+    options: AttackOptions | None = None,
+    attacks: list[str] | None = None,
 ) -> list[Check]:
     """All checks for every model. `independent_clean[model]` = (correct, n) from a plain loop;
-    `reference_clean[model]` = (correct, n) recorded at training time over the same inputs."""
+    `reference_clean[model]` = (correct, n) recorded at training time over the same inputs;
+    `options`/`attacks`, when given, are checked for settings that cannot reach the budget."""
     checks: list[Check] = []
+    if options is not None and attacks:
+        checks.append(_reach(options, attacks))
     base = models[0]
     for m in models:
         mine = [r for r in rows if r["model"] == m and r["n"] > 0]
@@ -109,6 +114,24 @@ def run_checks(
         checks.append(_white_vs_black(m, mine))
         checks.append(_large_eps(m, mine))
     return checks
+
+
+def _reach(options: AttackOptions, attacks: list[str]) -> Check:
+    """PGD moves at most steps x step_size x eps from its random start: below 1 it cannot
+    reach most of the ball's boundary, and its accuracies only bound robustness loosely."""
+    name = "pgd can reach the budget"
+    pgds = [a for a in attacks if a in ("pgd", "pgd-l2")]
+    if not pgds:
+        return Check(name, "(config)", SKIPPED, "no pgd attack")
+    travel = options.steps_for("pgd") * options.step_size
+    numbers = {"steps": options.steps_for("pgd"), "step_size": options.step_size}
+    if travel < 1:
+        return Check(
+            name, "(config)", WARNING,
+            f"{', '.join(pgds)}: {numbers['steps']} steps of {options.step_size:g} eps travel"
+            f" {travel:g} eps < 1; raise --steps or --step-size for a real upper bound", numbers,
+        )  # fmt: skip
+    return Check(name, "(config)", PASSED, f"steps x step size = {travel:g} eps", numbers)
 
 
 def _clean(m, rows, independent, reference) -> Check:  # noqa: ANN001

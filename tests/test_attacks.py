@@ -249,3 +249,16 @@ def test_sanity_checks_flag_rising_accuracy_budget_violations_and_clean_mismatch
     assert s["accuracy falls as eps grows"] == "warning"
     assert s["perturbations within budget"] == "warning"
     assert s["eps=0 equals clean accuracy"] == "warning"
+
+
+def test_a_pgd_too_short_to_reach_the_budget_is_flagged():
+    rows = [_row("base", None, "clean", 0.0, range(190), role="clean")]
+    short = run_checks(
+        rows, ["base"], {"base": (190, 200)}, options=AttackOptions(steps=3), attacks=["pgd"]
+    )
+    (reach,) = [c for c in short if c.check == "pgd can reach the budget"]
+    assert reach.status == "warning" and "0.75 eps < 1" in reach.message
+    default = run_checks(
+        rows, ["base"], {"base": (190, 200)}, options=AttackOptions(), attacks=["fgsm", "pgd"]
+    )
+    assert [c.status for c in default if c.check == "pgd can reach the budget"] == ["passed"]

@@ -120,3 +120,16 @@ def test_runs_without_a_base_model_or_without_ensembles_are_refused(run_dir, tmp
     result = CliRunner().invoke(app, ["evaluate", "--run", str(lone)])
     assert isinstance(result.exception, UserError)
     assert "no ensemble" in str(result.exception)
+
+
+def test_an_adversarially_trained_model_in_the_run_joins_the_comparison(run_dir, tmp_path):
+    from orbit.commands.evaluate import load_models
+    from orbit.layout import RunLayout
+
+    run = tmp_path / "with-adv"
+    shutil.copytree(run_dir / "base", run / "base")
+    shutil.copytree(run_dir / "ensemble", run / "ensemble")
+    shutil.copytree(run_dir / "base", run / "adv")  # stands in for an --adv-train model
+    models, _ = load_models(RunLayout.of(run), None)
+    assert [m.name for m in models] == ["base", "adv", "symmetry"]
+    assert [m.is_ensemble for m in models] == [False, False, True]
