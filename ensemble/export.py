@@ -81,11 +81,13 @@ def summarize_ncb(logits: torch.Tensor) -> tuple[torch.Tensor, ...]:
     label = mean_p.argmax(dim=1)  # [1, B]
     votes = logits.argmax(dim=1)  # [N, B]
     agreement = (votes == label).to(torch.float32).sum(dim=0) / n
-    # entropies by one formula on same-shaped slabs, so an ensemble of one has mutual_info 0
-    entropy_of_mean = -(mean_p * mean_p.clamp_min(_TINY).log()).sum(dim=1)  # [1, B]
-    member_entropy = -(p * p.clamp_min(_TINY).log()).sum(dim=1)  # [N, B]
-    mean_entropy = member_entropy.sum(dim=0, keepdim=True) / n  # [1, B]
-    mutual_info = (entropy_of_mean - mean_entropy).clamp_min(0.0).squeeze(0)
+    entropy_of_mean = -(mean_p * mean_p.clamp_min(_TINY).log()).sum(dim=1).squeeze(0)  # [B]
+    log_p = shifted - s.log()  # one log per member and input, not per class
+    mean_entropy = -(p * log_p).sum(dim=1).sum(dim=0) / n  # [B]
+    if n == 1:  # an ensemble of one: exactly 0 by definition (not a rounding residue)
+        mutual_info = torch.zeros_like(mean_entropy)
+    else:
+        mutual_info = (entropy_of_mean - mean_entropy).clamp_min(0.0)
     return mean_p.squeeze(0).transpose(0, 1), label.squeeze(0), agreement, mutual_info
 
 
