@@ -37,7 +37,7 @@ def splits() -> DatasetSplits:
 def trained(tmp_path_factory: pytest.TempPathFactory, splits: DatasetSplits) -> LoadedModel:
     """The default digits cnn (h = 64, leaky_relu), trained briefly by the real pipeline."""
     out = tmp_path_factory.mktemp("run") / "base"
-    train(TrainConfig(out=out, dataset="digits", epochs=4, progress=False), splits=splits)
+    train(TrainConfig(out=out, dataset="digits", epochs=2, progress=False), splits=splits)
     return load_model(out)
 
 

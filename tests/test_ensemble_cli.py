@@ -20,7 +20,7 @@ from training.train import train
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> RunLayout:
     layout = RunLayout.of(tmp_path_factory.mktemp("runs") / "digits")
-    train(TrainConfig(out=layout.base, dataset="digits", epochs=2, progress=False))
+    train(TrainConfig(out=layout.base, dataset="digits", epochs=1, progress=False))
     return layout
 
 

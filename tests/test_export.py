@@ -53,7 +53,7 @@ def splits() -> DatasetSplits:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory, splits: DatasetSplits) -> RunLayout:
     layout = RunLayout.of(tmp_path_factory.mktemp("runs") / "digits")
-    train(TrainConfig(out=layout.base, dataset="digits", epochs=3, progress=False), splits=splits)
+    train(TrainConfig(out=layout.base, dataset="digits", epochs=1, progress=False), splits=splits)
     base = load_model(layout.base)
     build_ensemble(base, splits, BuildRequest(members=16, eps=0.5), layout.ensemble("symmetry"))
     return layout
