@@ -1,0 +1,33 @@
+"""`make bench`: run every benchmark script in turn; each prints the ratios it measures in one run.
+
+With a finished `make demo` (runs/demo), the scripts measure the demo's trained model, its
+ensemble and its exported graph; otherwise they measure untrained models of the same shapes.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RUN = Path("runs/demo")
+
+
+def main() -> int:
+    have_run = (RUN / "base" / "model.json").is_file()
+    have_onnx = (RUN / "export" / "model.onnx").is_file()
+    scripts = [
+        ["bench_ensemble.py", *(["--run", str(RUN)] if have_run else [])],
+        ["bench_onnx.py", *(["--run", str(RUN)] if have_run else [])],
+        ["bench_serve.py", *(["--model", str(RUN / "export" / "model.onnx")] if have_onnx else [])],
+    ]
+    failed = 0
+    for script, *args in scripts:
+        print(f"\n=== {script} {' '.join(args)}", flush=True)
+        failed += subprocess.call([sys.executable, str(HERE / script), *args]) != 0
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
