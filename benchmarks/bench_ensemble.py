@@ -30,7 +30,8 @@ from training.datasets import DatasetSplits, load_dataset  # noqa: E402
 from training.models import ModelSpec, OrbitClassifier, build_model  # noqa: E402
 
 
-def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
+def seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> tuple[float, float]:
+    """Median and minimum wall time of fn."""
     for _ in range(warmup):
         fn()
     times = []
@@ -38,11 +39,13 @@ def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 2) -> f
         t = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return statistics.median(times), min(times)
 
 
-def interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median time of each fn, alternating them so load changes hit all of them alike."""
+def interleaved(
+    fns: dict[str, Callable[[], object]], repeats: int
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Median and minimum time of each fn, alternating them so load changes hit all alike."""
     for fn in fns.values():
         fn()
         fn()
@@ -52,7 +55,10 @@ def interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str,
             t = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return (
+        {k: statistics.median(v) for k, v in times.items()},
+        {k: min(v) for k, v in times.items()},
+    )
 
 
 def load(run: str | None) -> tuple[OrbitClassifier, DatasetSplits, str]:
@@ -75,15 +81,15 @@ def bench_build(model: OrbitClassifier, splits: DatasetSplits, members: list[int
                 model, splits.train.x, splits.train.y, members=n, eps=0.5, anchors=32
             )
 
-        sec = median_seconds(run, reps, warmup=1)
-        print(f"N = {n:4d}: {sec:.3f} s (median of {reps})")
+        med, low = seconds(run, reps)
+        print(f"N = {n:4d}: {med:.3f} s median, {low:.3f} s min of {reps}")
 
 
 def bench_forward(model: OrbitClassifier, splits: DatasetSplits, n: int, reps: int) -> None:
     build = build_symmetry(model, splits.train.x, splits.train.y, members=n, eps=0.5, anchors=32)
     ens = build.ensemble
     loop = [materialize_member(model, build.g[i], build.u[i]) for i in range(n)]
-    print(f"\n## forward, N = {n} (torch {torch.__version__}, {torch.get_num_threads()} threads)")
+    print(f"\n## forward, N = {n} (torch {torch.__version__}, {reps} interleaved calls)")
     for batch in (1, 256):
         x = splits.test.x[:batch] if batch <= len(splits.test) else torch.rand(batch, 1, 8, 8)
         if x.shape[0] < batch:
@@ -94,14 +100,16 @@ def bench_forward(model: OrbitClassifier, splits: DatasetSplits, n: int, reps: i
                 "fused": lambda x=x: ens(x),
                 "loop": lambda x=x: torch.stack([m(x) for m in loop]),
             }
-            t = interleaved(fns, reps)
+            t, low = interleaved(fns, reps)
         print(
-            f"batch {batch:3d}: base {1e3 * t['base']:.3f} ms, fused {1e3 * t['fused']:.3f} ms,"
-            f" loop of {n} materialised members {1e3 * t['loop']:.3f} ms"
+            f"batch {batch:3d}: median (min) base {1e3 * t['base']:.3f} ({1e3 * low['base']:.3f})"
+            f" ms, fused {1e3 * t['fused']:.3f} ({1e3 * low['fused']:.3f}) ms,"
+            f" loop of {n} materialised members {1e3 * t['loop']:.1f} ({1e3 * low['loop']:.1f}) ms"
         )
         print(
-            f"           fused / base = {t['fused'] / t['base']:.2f}x,"
-            f" loop / fused = {t['loop'] / t['fused']:.1f}x"
+            f"           fused / base = {t['fused'] / t['base']:.2f}x"
+            f" ({low['fused'] / low['base']:.2f}x on minima),"
+            f" loop / fused = {t['loop'] / t['fused']:.1f}x ({low['loop'] / low['fused']:.1f}x)"
         )
 
 
@@ -139,10 +147,16 @@ def main() -> None:
     p.add_argument("--members", type=int, nargs="+", default=[64, 256])
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--sweep", help="comma-separated eps values: print the trade-off table")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model, splits, what = load(args.run)
     load_avg = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"# bench_ensemble: {what}; {os.cpu_count()} CPUs, load average {load_avg:.2f}")
+    print(
+        f"# bench_ensemble: {what}; {torch.get_num_threads()} threads, {os.cpu_count()} CPUs,"
+        f" load average {load_avg:.2f}"
+    )
     if args.sweep:
         sweep(model, splits, [float(e) for e in args.sweep.split(",")], args.members[0])
         return
