@@ -15,6 +15,29 @@ from attacks.catalog import ATTACKS, AttackOptions
 from orbit.errors import UserError
 
 
+class ReferenceCW(torchattacks.CW):
+    """torchattacks' CW with the two details of the reference implementation
+    (carlini/nn_robust_attacks, l2_attack.py) that torchattacks 3.5.1 departs from:
+
+    - the best other class is the max over the other logits; torchattacks multiplies the true
+      class's logit by 0 instead, which picks that 0 whenever every logit is negative (always,
+      for an ensemble's log-mean-probabilities), so the attack never tries to fool it
+      (Harry24k/adversarial-attacks-pytorch issue 184);
+    - pixels are mapped to tanh space as atanh((2x - 1) * 0.999999); torchattacks maps 0 and 1
+      to -inf and inf, where the gradient vanishes, so saturated pixels can never move.
+    """
+
+    def inverse_tanh_space(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.atanh((x * 2 - 1).clamp(-1, 1) * 0.999999)
+
+    def f(self, outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        onehot = nn.functional.one_hot(labels, outputs.shape[1]).bool()
+        other = outputs.masked_fill(onehot, float("-inf")).amax(dim=1)
+        real = outputs.gather(1, labels.unsqueeze(1)).squeeze(1)
+        gap = other - real if self.targeted else real - other
+        return torch.clamp(gap, min=-self.kappa)
+
+
 def build_attack(
     name: str,
     model: nn.Module,
@@ -72,7 +95,7 @@ def build_attack(
             seed=seed,
         )
     if name == "cw":
-        return torchattacks.CW(
+        return ReferenceCW(
             model, c=options.cw_c, kappa=options.cw_kappa, steps=steps, lr=options.cw_lr
         )
     raise KeyError(name)

@@ -224,3 +224,16 @@ def test_memory_bound_chunks_batches_and_refuses_what_cannot_fit(setup):
 def test_report_from_json_rejects_a_non_object():
     with pytest.raises(UserError, match="not a JSON object"):
         Report.from_json([1, 2], "x.json")
+
+
+def test_cw_fools_the_ensemble_whose_outputs_are_all_negative(setup):
+    base, ens, x, y = setup
+    x, y = x[:32], y[:32]
+    with torch.no_grad():
+        assert (ens(x) <= 0).all()  # log-mean-probabilities: where torchattacks' CW gives up
+        clean = float((ens(x).argmax(-1) == y).float().mean())
+    options = AttackOptions(steps=30, cw_c=10.0, cw_lr=0.05)
+    adv = build_attack("cw", ens, 3.0, options, 0, 10)(x, y)
+    with torch.no_grad():
+        fooled = float((ens(adv).argmax(-1) == y).float().mean())
+    assert fooled <= clean - 0.3
