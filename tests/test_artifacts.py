@@ -60,3 +60,20 @@ def test_missing_or_foreign_description(saved, tmp_path_factory):
     (path / "model.json").write_text(json.dumps({"hello": 1}))
     with pytest.raises(UserError, match="not an orbit model"):
         load_model(path)
+
+
+def test_atomic_writes_respect_the_umask(tmp_path):
+    """The serving image runs as another user: artifacts must not be owner-only (mkstemp's 0600)."""
+    import os
+
+    from orbit import atomic
+
+    old = os.umask(0o022)
+    try:
+        atomic.write_text(tmp_path / "a.txt", "x")
+        with atomic.atomic_dir(tmp_path / "d") as d:
+            (d / "f").write_text("y")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755
