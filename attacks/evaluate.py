@@ -430,6 +430,7 @@ class Sweep:
         self,
         on_job_done: Callable[[JobResult], None] | None = None,
         on_batch: Callable[[], None] | None = None,
+        on_job_start: Callable[[int, Job], None] | None = None,
     ) -> list[JobResult]:
         """Run every job; `on_job_done` sees each result as soon as all processes have it."""
         trainer = self.trainer()
@@ -437,7 +438,9 @@ class Sweep:
             self.models, self.x, self.y, self.num_classes, self.config.seed, on_batch
         )
         results = []
-        for job in self.jobs:
+        for number, job in enumerate(self.jobs):
+            if on_job_start is not None:
+                on_job_start(number, job)
             module.start(job)
             started = time.perf_counter()
             trainer.test(module, verbose=False)

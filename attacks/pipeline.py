@@ -23,6 +23,7 @@ from attacks.catalog import resolved_hyperparameters
 from attacks.config import EvalConfig
 from attacks.evaluate import (
     EvalModel,
+    Job,
     JobResult,
     Sweep,
     clean_accuracy,
@@ -133,13 +134,15 @@ def evaluate(
             if result.job.role == "clean":
                 report.rows += _eps0_rows(rows, config)
             report.seconds = round(time.perf_counter() - started, 2)
-            if bar is not None:
-                bar.update(task, description=f"done: {result.job.label}")
             if writer:
                 write_report(out, report)
 
+        def on_job_start(number: int, job: Job) -> None:
+            if bar is not None:
+                bar.update(task, description=f"[{number + 1}/{len(sweep.jobs)}] {job.label}")
+
         try:
-            sweep.run(on_job_done=on_job_done, on_batch=on_batch)
+            sweep.run(on_job_done=on_job_done, on_batch=on_batch, on_job_start=on_job_start)
         except BaseException as e:
             if writer:
                 report.status = "failed"
