@@ -14,7 +14,6 @@ import pytest
 import torch
 import yaml
 from google.protobuf import text_format
-from tritonclient.grpc import model_config_pb2
 
 from ensemble.build import BuildRequest, build_ensemble
 from ensemble.deep import DeepEnsemble
@@ -43,6 +42,24 @@ CONTRACT_KEYS = {
     "orbit.method", "orbit.members", "orbit.eps", "orbit.version", "orbit.weights_sha256",
     "orbit.mutual_info_threshold",
 }  # fmt: skip
+
+
+def _triton_model_config_pb2():
+    """tritonclient's ModelConfig protobuf, loaded without tritonclient.grpc's package __init__:
+    that one registers Triton's gRPC service protos, whose names collide with kserve's (both
+    define inference.ServerLiveRequest) and would break every later kserve import."""
+    import importlib.util
+
+    import tritonclient
+
+    path = Path(tritonclient.__file__).parent / "grpc" / "model_config_pb2.py"
+    spec = importlib.util.spec_from_file_location("triton_model_config_pb2", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+model_config_pb2 = _triton_model_config_pb2()
 
 
 @pytest.fixture(scope="module")
