@@ -9,11 +9,11 @@ RUN    ?= runs/demo
 
 .PHONY: install demo test bench lint format clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet $(TORCH_SPEC)
-	$(PIP) install --quiet -e '.[all]'
+	$(PIP) install --quiet -c constraints.txt -e '.[all]'
 	$(PIP) check
 	touch $@
 
