@@ -23,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.timing import interleaved  # noqa: E402
 from ensemble.fidelity import anchor_errors  # noqa: E402
 from ensemble.symmetry import build_symmetry, materialize_member  # noqa: E402
 from training.artifacts import load_model  # noqa: E402
@@ -40,25 +41,6 @@ def seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> tuple[fl
         fn()
         times.append(time.perf_counter() - t)
     return statistics.median(times), min(times)
-
-
-def interleaved(
-    fns: dict[str, Callable[[], object]], repeats: int
-) -> tuple[dict[str, float], dict[str, float]]:
-    """Median and minimum time of each fn, alternating them so load changes hit all alike."""
-    for fn in fns.values():
-        fn()
-        fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t)
-    return (
-        {k: statistics.median(v) for k, v in times.items()},
-        {k: min(v) for k, v in times.items()},
-    )
 
 
 def load(run: str | None) -> tuple[OrbitClassifier, DatasetSplits, str]:

@@ -13,36 +13,21 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
-import time
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.timing import interleaved  # noqa: E402
 from ensemble.export import ExportHead, SingleModel, export_onnx  # noqa: E402
 from ensemble.symmetry import build_symmetry  # noqa: E402
 from training.artifacts import load_model  # noqa: E402
 from training.datasets import load_dataset  # noqa: E402
 from training.models import ModelSpec, build_model  # noqa: E402
-
-
-def interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
-    for fn in fns.values():
-        for _ in range(3):
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t)
-    return times
 
 
 def main() -> None:
@@ -58,8 +43,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.run:
-        model = load_model(Path(args.run) / "base").model
-        splits = load_dataset(load_model(Path(args.run) / "base").info["dataset"])
+        base = load_model(Path(args.run) / "base")
+        model, splits = base.model, load_dataset(base.info["dataset"])
     else:
         splits = load_dataset(args.dataset)
         mean, std = splits.channel_stats()
@@ -102,18 +87,17 @@ def main() -> None:
         x = splits.test.x[:batch]
         feed = {"pixels": x.numpy()}
         with torch.inference_mode():
-            times = interleaved(
+            med, low = interleaved(
                 {
                     "ort_base": lambda feed=feed: sessions["base"].run(None, feed),
                     "ort_ensemble": lambda feed=feed: sessions["ensemble"].run(None, feed),
                     "torch_ensemble": lambda x=x: head(x),
                 },
                 args.repeats,
+                warmup=3,
             )
-        med = {k: statistics.median(v) for k, v in times.items()}
-        low = {k: min(v) for k, v in times.items()}
         print(f"\nbatch {batch}: median (min) latency over {args.repeats} interleaved calls")
-        for k in times:
+        for k in med:
             print(f"  {k:15s} {1e3 * med[k]:8.3f} ms ({1e3 * low[k]:.3f} ms)")
         print(
             f"  ORT ensemble / ORT base      = {med['ort_ensemble'] / med['ort_base']:.2f}x"
