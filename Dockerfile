@@ -12,12 +12,14 @@
 FROM python:3.11.11-slim-bookworm AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY orbit/ orbit/
 COPY serve/ serve/
+# constraints.txt: the versions the project is tested with (kserve's private hooks among them).
 RUN python -m venv /opt/venv \
-    && /opt/venv/bin/pip install --no-cache-dir ".[serve]" \
-    && /opt/venv/bin/python -c "import serve.server, sys; sys.exit('torch' in sys.modules)"
+    && /opt/venv/bin/pip install --no-cache-dir -c constraints.txt ".[serve]" \
+    && /opt/venv/bin/python -c "import serve.server, sys; sys.exit('torch' in sys.modules)" \
+    && /opt/venv/bin/orbit serve --help >/dev/null
 
 FROM python:3.11.11-slim-bookworm
 ENV PATH=/opt/venv/bin:$PATH \

@@ -1,7 +1,8 @@
 """The builders' entry point (what `orbit build` runs): build one ensemble of a trained base model,
 certify it (fidelity.json) and write its artifacts into an explicit directory.
 
-Importing this module is cheap (no torch), so the CLI can show its defaults in `--help`.
+Importing this module is cheap (no torch); the CLI still imports it only inside the command, because
+the serving image ships orbit/ and serve/ alone.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from orbit.errors import UserError
+from orbit.layout import ENSEMBLE_METHODS as METHODS
 
 if TYPE_CHECKING:
     import torch
@@ -22,7 +24,6 @@ if TYPE_CHECKING:
     from training.artifacts import LoadedModel
     from training.datasets import DatasetSplits
 
-METHODS = ("symmetry", "random", "deep")
 # Chosen by the sweep in the build note (digits cnn and Fashion-MNIST cnn, N = 64, k = 32): the
 # largest eps of the grid at which the ensemble keeps the base's test accuracy (>= base - 0.5
 # points) and members agree with the base on >= 90% of test inputs, on both models.
@@ -38,7 +39,7 @@ Progress = Callable[[str], None]  # called once per finished step, with what com
 class BuildRequest:
     method: str = "symmetry"
     members: int | None = None  # None: DEFAULT_MEMBERS[method]
-    eps: float = DEFAULT_EPS
+    eps: float | None = None  # None: DEFAULT_EPS
     anchors: int | None = None  # None: hidden // 2
     algebra: str = "gl"
     seed: int = 0
@@ -49,6 +50,8 @@ class BuildRequest:
             raise UserError(f"unknown --method {self.method!r}; choose one of: {choices}")
         if self.members is None:
             self.members = DEFAULT_MEMBERS[self.method]
+        if self.eps is None:
+            self.eps = DEFAULT_EPS
         if self.members <= 0:
             raise UserError(f"--members must be positive, got {self.members}")
         if not self.eps > 0:

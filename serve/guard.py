@@ -28,6 +28,8 @@ _INFER_PATH = re.compile(r"^/v2/models/[^/]+(/versions/[^/]+)?/infer/?$")
 _REPOSITORY_PATH = re.compile(r"^/v2/repository(/|$)")
 # kserve answers any versioned model path with 501; the file we serve has no versions.
 _VERSION_PATH = re.compile(r"^/v2/models/[^/]+/versions(/|$)")
+# kserve's V1 explain route answers 501 without an explainer; this server has none.
+_EXPLAIN_PATH = re.compile(r"^/v1/models/[^/]+:explain/?$")
 
 
 async def _answer(send: Send, status: int, message: str) -> None:
@@ -74,6 +76,9 @@ class RequestGuard:
             await _answer(
                 send, 404, "this model has no versions; drop '/versions/...' from the URL"
             )
+            return
+        if _EXPLAIN_PATH.match(scope["path"]):
+            await _answer(send, 404, "this server has no explainer; use /v2/models/NAME/infer")
             return
         headers = {k.decode("latin1").lower(): v.decode("latin1") for k, v in scope["headers"]}
         is_infer = scope["method"] == "POST" and _INFER_PATH.match(scope["path"]) is not None

@@ -146,6 +146,8 @@ def load(
 ) -> tuple[ort.InferenceSession, OrbitModelInfo]:
     """Open `path` with onnxruntime (CPU) and check it is an orbit export; UserError otherwise."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a directory; give the ONNX file in it; {_EXPORT_HINT}")
     if not path.is_file():
         raise UserError(f"model file {path} does not exist; {_EXPORT_HINT}")
     opts = ort.SessionOptions()

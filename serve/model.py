@@ -8,6 +8,7 @@ InvalidInput, which kserve answers with 400 and the message, and the server carr
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,22 @@ import numpy as np
 from serve import metadata
 from serve._kserve import InferOutput, InferRequest, InferResponse, InvalidInput, Model
 from serve.validation import RequestError, check_requested_outputs, pixels_from_request
+
+
+class RefusalsAsOneLine(logging.Filter):
+    """kserve logs every refused request (InvalidInput) at ERROR with two chained tracebacks, so
+    any client could flood the log; a refusal is the client's mistake: one WARNING line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, InvalidInput):
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.msg, record.args = "refused a request: %s", (str(exc),)
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+logging.getLogger("kserve").addFilter(RefusalsAsOneLine())
 
 
 class OrbitOnnxModel(Model):

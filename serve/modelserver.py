@@ -23,6 +23,7 @@ from serve._kserve import (
     DataPlane,
     InferInput,
     InferRequest,
+    InvalidInput,
     ModelServer,
     RequestedOutput,
     to_np_dtype,
@@ -32,6 +33,13 @@ from serve.validation import INFERENCE_HEADER
 
 
 class OrbitDataPlane(DataPlane):
+    def metadata(self) -> dict[str, Any]:
+        """kserve's server metadata, listing the extensions this server really offers (the
+        model repository extension is switched off by serve.guard)."""
+        answer = super().metadata()
+        answer["extensions"] = ["binary_tensor_data"]
+        return answer
+
     async def model_metadata(self, model_name: str) -> dict[str, Any]:
         """kserve's answer, naming the platform as Triton does for the same ONNX file."""
         answer = await super().model_metadata(model_name)
@@ -59,9 +67,12 @@ def decode_binary_request(body: bytes, json_length: int, model_name: str) -> Inf
         else:
             size = params["binary_data_size"]
             dtype = to_np_dtype(item["datatype"].upper())
-            data = np.frombuffer(
-                body, dtype=dtype, count=size // np.dtype(dtype).itemsize, offset=offset
-            ).reshape(item["shape"])
+            try:
+                data = np.frombuffer(
+                    body, dtype=dtype, count=size // np.dtype(dtype).itemsize, offset=offset
+                ).reshape(item["shape"])
+            except ValueError as e:
+                raise InvalidInput(f"input '{item['name']}' cannot be read: {e}") from e
             offset += size
         inputs.append(InferInput(item["name"], item["shape"], item["datatype"], data, params))
     outputs = [RequestedOutput(o["name"], o.get("parameters")) for o in header.get("outputs") or []]

@@ -36,6 +36,9 @@ _ITEMSIZE = {
     "UINT64": 8,
     "FP64": 8,
 }
+# numpy refuses shapes whose non-zero dimensions multiply past its index range, even for an empty
+# tensor; no request this server accepts comes anywhere near this.
+_MAX_ELEMENTS = 2**40
 _TOP_KEYS = {"id", "parameters", "inputs", "outputs"}
 _INPUT_KEYS = {"name", "shape", "datatype", "parameters", "data"}
 _OUTPUT_KEYS = {"name", "parameters"}
@@ -146,6 +149,8 @@ def _check_binary(obj: dict[str, Any], tail: int) -> None:
             raise RequestError(
                 f"inputs[{i}] datatype '{item['datatype']}' cannot be sent as binary"
             )
+        if math.prod(d for d in item["shape"] if d) > _MAX_ELEMENTS:
+            raise RequestError(f"inputs[{i}] shape {item['shape']} is absurdly large")
         want = math.prod(item["shape"]) * _ITEMSIZE[dtype]
         if size != want:
             raise RequestError(

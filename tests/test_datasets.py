@@ -97,6 +97,23 @@ def test_corrupt_gzip_idx_is_a_user_error(tmp_path):
         load_dataset("mnist", tmp_path)
 
 
+def test_gzip_corrupt_in_the_middle_is_a_user_error(tmp_path):
+    write_mnist_like(tmp_path, compress=True)
+    path = tmp_path / "t10k-labels-idx1-ubyte.gz"
+    data = bytearray(path.read_bytes())
+    data[15:21] = bytes(b ^ 0xFF for b in data[15:21])  # zlib.error, not an EOFError
+    path.write_bytes(bytes(data))
+    with pytest.raises(UserError, match="truncated or corrupt"):
+        load_dataset("mnist", tmp_path)
+
+
+def test_train_and_test_images_of_different_sizes_are_a_user_error(tmp_path):
+    write_mnist_like(tmp_path)
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", np.zeros((20, 32, 32)))
+    with pytest.raises(UserError, match="do not belong to one dataset"):
+        load_dataset("mnist", tmp_path)
+
+
 def test_mismatched_idx_counts_are_a_user_error(tmp_path):
     write_mnist_like(tmp_path)
     write_idx(tmp_path / "train-labels-idx1-ubyte", np.zeros(59))
@@ -104,19 +121,32 @@ def test_mismatched_idx_counts_are_a_user_error(tmp_path):
         load_dataset("mnist", tmp_path)
 
 
-def test_missing_data_root_names_the_searched_paths(tmp_path, monkeypatch):
+def test_missing_files_name_the_searched_paths(tmp_path, monkeypatch):
     monkeypatch.delenv("ORBIT_DATA_ROOT", raising=False)
+    (tmp_path / "empty").mkdir()
     with pytest.raises(UserError) as err:
-        load_dataset("mnist", tmp_path / "nowhere")
-    assert "nowhere" in str(err.value) and "--data-root" in str(err.value)
+        load_dataset("mnist", tmp_path / "empty")
+    assert "searched" in str(err.value) and "empty" in str(err.value)
+    assert "--data-root" in str(err.value)
+
+
+def test_a_data_root_that_is_not_a_directory_is_named(tmp_path, monkeypatch):
+    # No silent fallback to /usr/share/datasets when the folder the user named is a typo.
+    with pytest.raises(UserError, match=r"--data-root .*nowhere is not a directory"):
+        load_dataset("fashion-mnist", tmp_path / "nowhere")
+    monkeypatch.setenv("ORBIT_DATA_ROOT", str(tmp_path / "gone"))
+    with pytest.raises(UserError, match=r"\$ORBIT_DATA_ROOT .*gone is not a directory"):
+        load_dataset("mnist")
+    assert len(load_dataset("digits").test) == 359  # datasets without files ignore the root
 
 
 def test_missing_fashion_mnist_says_how_to_install(tmp_path, monkeypatch):
     import training.datasets as ds
 
     monkeypatch.setattr(ds, "FASHION_MNIST_DEBIAN", tmp_path / "debian")
+    monkeypatch.delenv("ORBIT_DATA_ROOT", raising=False)
     with pytest.raises(UserError, match="apt-get install dataset-fashion-mnist"):
-        load_dataset("fashion-mnist", tmp_path / "empty")
+        load_dataset("fashion-mnist")
 
 
 def test_unknown_dataset():
@@ -152,6 +182,13 @@ class _Evil:
 def test_cifar10_refuses_pickled_code(tmp_path):
     write_cifar(tmp_path, payload={"data": _Evil(), "labels": [0]})
     with pytest.raises(UserError, match="forbidden object"):
+        load_dataset("cifar10", tmp_path)
+
+
+def test_cifar10_labels_outside_the_classes_are_a_user_error(tmp_path):
+    data = np.zeros((4, 3072), np.uint8)
+    write_cifar(tmp_path, payload={"data": data, "labels": [0, 1, 12, -3]})
+    with pytest.raises(UserError, match="labels outside 0..9"):
         load_dataset("cifar10", tmp_path)
 
 

@@ -160,8 +160,12 @@ def test_server_listens_on_loopback_only_and_never_loaded_torch(server):
 
 
 def test_serve_imports_without_torch_in_a_fresh_interpreter():
+    # The serving image ships only orbit/ and serve/ (see .dockerignore) and no torch: make every
+    # other package of ours, and torch, unimportable, as they are in the image.
     code = (
         "import sys\n"
+        "for name in ('torch', 'ensemble', 'training', 'attacks', 'symmetry'):\n"
+        "    sys.modules[name] = None\n"
         "import serve, serve.server, serve.model, serve.modelserver, serve.guard, serve.metadata\n"
         "import serve.validation\n"
         "sys.argv = ['orbit', 'serve', '--help']\n"
@@ -170,7 +174,7 @@ def test_serve_imports_without_torch_in_a_fresh_interpreter():
         "    cli.main()\n"
         "except SystemExit as e:\n"
         "    assert e.code in (0, None), e.code\n"
-        "print('TORCH-LOADED' if 'torch' in sys.modules else 'NO-TORCH')\n"
+        "print('TORCH-LOADED' if sys.modules.get('torch') is not None else 'NO-TORCH')\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120
@@ -206,6 +210,23 @@ def _binary_request(arr: np.ndarray, datatype="FP32", declared: int | None = Non
         }
     ).encode()
     return header + arr.tobytes(), {"Inference-Header-Content-Length": str(len(header))}
+
+
+def _binary_empty_request(shape: list[int]):
+    """A binary request with no values but absurd dimensions (numpy cannot lay it out)."""
+    head = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "pixels",
+                    "shape": shape,
+                    "datatype": "FP32",
+                    "parameters": {"binary_data_size": 0},
+                }
+            ]
+        }
+    ).encode()
+    return head, {"Inference-Header-Content-Length": str(len(head))}
 
 
 JSON = {"Content-Type": "application/json"}
@@ -249,6 +270,7 @@ BARRAGE = [
     ("text/plain", _json_request(), {"Content-Type": "text/plain"}, 400, "application/json"),
     ("too large", b"[" + b"0.5," * (MAX_BODY // 4) + b"0]", JSON, 413, "limit of 262144"),
     ("binary size lie", *_binary_request(_half, declared=12), 400, "needs 256"),
+    ("binary absurd shape", *_binary_empty_request([2**40, 2**40, 0, 8]), 400, "absurdly large"),
     ("binary FP64", *_binary_request(_half.astype(np.float64), "FP64"), 400, "send FP32"),
     (
         "bad header length",
@@ -290,6 +312,24 @@ def test_wrong_model_method_and_repository_calls_are_4xx(server, reference):
     assert status == 403 and "one fixed model" in json.loads(body)["error"]
     status, body = _post(server, _json_request(), JSON, "/v2/models/orbit/versions/1/infer")
     assert status == 404 and "no versions" in json.loads(body)["error"]
+    status, body = _post(server, b"{}", JSON, "/v1/models/orbit:explain")
+    assert status == 404 and "no explainer" in json.loads(body)["error"]
+    _check_still_right(server, reference, seed=99)
+
+
+def test_server_metadata_lists_only_what_it_offers_and_refusals_log_one_line(server, reference):
+    client = triton.InferenceServerClient(server.url)
+    try:
+        assert client.get_server_metadata()["extensions"] == ["binary_tensor_data"]
+    finally:
+        client.close()
+    before = server.log_text()
+    for body in (_json_request(data=[1.5] * 64), _json_request(datatype="FP64")):
+        assert _post(server, body, JSON)[0] == 400
+    _check_still_right(server, reference, seed=98)
+    logged = server.log_text()[len(before) :]
+    assert logged.count("refused a request:") == 2, logged
+    assert "Traceback" not in logged
     _check_still_right(server, reference, seed=99)
 
 

@@ -52,7 +52,7 @@ def test_load_reads_contract_and_metadata(model_path):
     ("make", "fragment"),
     [
         (lambda p: p, "does not exist"),
-        (lambda p: p.parent, "does not exist"),  # a directory is not a model file
+        (lambda p: p.parent, "is a directory; give the ONNX file in it"),
         (lambda p: (p.write_bytes(b"\x08\x07garbage"), p)[1], "not a loadable ONNX file"),
         (lambda p: (p.write_bytes(b""), p)[1], "not a loadable ONNX file"),
         (lambda p: write_model(p, metadata={}), "not an orbit ONNX file"),

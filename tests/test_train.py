@@ -107,7 +107,10 @@ def test_cli_adv_train_writes_the_adv_baseline(tmp_path):
         (["--model", "vit"], "unknown model"),
         (["--lr", "-1"], "--lr"),
         (["--epochs", "0"], "--epochs"),
-        (["--dataset", "mnist", "--data-root", "/nonexistent"], "searched"),
+        (["--dataset", "mnist", "--data-root", "/nonexistent"], "is not a directory"),
+        (["--precision", "nope"], "Lightning refuses"),
+        (["--strategy", "nope"], "Lightning refuses"),
+        (["--seed", "-1"], "--seed"),
     ],
 )
 def test_cli_user_errors_are_one_line_exit_2(tmp_path, args, message):
@@ -115,7 +118,52 @@ def test_cli_user_errors_are_one_line_exit_2(tmp_path, args, message):
     assert r.returncode == 2
     assert message in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
-    assert not (tmp_path / "run" / "base" / "model.json").exists()
+    assert not (tmp_path / "run").exists()  # nothing half-written
+
+
+def test_overwrite_that_fails_keeps_the_old_run(tmp_path, digits):
+    config = dict(out=tmp_path / "base", model="mlp", epochs=1, progress=False)
+    train(TrainConfig(**config), splits=digits)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "base").iterdir() if p.is_file()}
+    with pytest.raises(UserError, match="Lightning refuses"):
+        train(TrainConfig(**config, overwrite=True, precision="nope"), splits=digits)
+    with pytest.raises(UserError, match="unreachable"):  # a linear slot with h > C cannot
+        train(TrainConfig(**config, overwrite=True, activation="linear", init_q=1.0), digits)
+    after = {p.name: p.read_bytes() for p in (tmp_path / "base").iterdir() if p.is_file()}
+    assert after == before
+
+
+def test_guarded_out_restores_the_old_run_or_leaves_nothing(tmp_path):
+    from training.train import _guarded_out
+
+    out = tmp_path / "base"
+    out.mkdir()
+    (out / "model.json").write_text("old")
+    with pytest.raises(RuntimeError), _guarded_out(out, replace=True):
+        assert not out.exists()  # the old run is aside while the new one trains
+        (out / "checkpoints").mkdir(parents=True)
+        raise RuntimeError("training failed")
+    assert sorted(p.name for p in out.iterdir()) == ["model.json"]
+    assert (out / "model.json").read_text() == "old"
+    fresh = tmp_path / "fresh"
+    with pytest.raises(RuntimeError), _guarded_out(fresh, replace=False):
+        (fresh / "logs").mkdir(parents=True)
+        (fresh / "train_config.json").write_text("{}")
+        raise RuntimeError("training failed")
+    assert not fresh.exists()  # no checkpoint: nothing that would block the next attempt
+    with _guarded_out(out, replace=True):
+        out.mkdir()
+        (out / "model.json").write_text("new")
+    assert (out / "model.json").read_text() == "new"
+    assert not list(tmp_path.glob(".*replaced"))
+
+
+def test_resume_from_a_corrupt_checkpoint_is_a_user_error(tmp_path):
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"PK\x03\x04 truncated zip")
+    with pytest.raises(UserError, match="unreadable.*--overwrite"):
+        train(TrainConfig(out=tmp_path, resume=True, progress=False))
 
 
 def test_ddp_on_two_cpu_processes_writes_the_same_artifacts(tmp_path):

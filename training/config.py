@@ -49,6 +49,8 @@ class TrainConfig:
             value = getattr(self, name)
             if value <= 0:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
+        if not 0 <= self.seed < 2**32:
+            raise UserError(f"--seed must be in 0..2**32-1, got {self.seed}")
         if not self.lr > 0:
             raise UserError(f"--lr must be a positive learning rate, got {self.lr}")
         if self.adv_train is not None:

@@ -11,6 +11,7 @@ import hashlib
 import os
 import pickle
 import tempfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,6 +92,9 @@ def load_dataset(name: str, data_root: str | os.PathLike | None = None) -> Datas
     if name not in loaders:
         raise UserError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
     root = data_root if data_root is not None else os.environ.get("ORBIT_DATA_ROOT") or None
+    if root is not None and name not in ("digits", "synthetic") and not Path(root).is_dir():
+        where = "--data-root" if data_root is not None else "$ORBIT_DATA_ROOT"
+        raise UserError(f"{where} {root} is not a directory; point it at the {name} files")
     return loaders[name](Path(root) if root is not None else None)
 
 
@@ -199,7 +203,9 @@ def _read_idx(path: Path, kind: str) -> torch.Tensor:
                 tmp.flush()
                 return reader(tmp.name)
         return reader(str(path))
-    except (OSError, EOFError, AssertionError, RuntimeError, TypeError, ValueError, KeyError) as e:
+    except (
+        OSError, EOFError, zlib.error, AssertionError, RuntimeError, TypeError, ValueError, KeyError
+    ) as e:  # fmt: skip
         detail = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(
             f"{path} is truncated or corrupt ({detail}); replace it with an intact copy"
@@ -234,6 +240,11 @@ def _load_idx(name: str, root: Path | None) -> DatasetSplits:
     dirs = _idx_search_dirs(name, root)
     train = _load_idx_split(name, "train", dirs, root)
     test = _load_idx_split(name, "test", dirs, root)
+    if train.x.shape[1:] != test.x.shape[1:]:
+        raise UserError(
+            f"{name}: training images are {tuple(train.x.shape[2:])} but test images are"
+            f" {tuple(test.x.shape[2:])}; the IDX files do not belong to one dataset"
+        )
     names = FASHION_CLASSES if name == "fashion-mnist" else [str(i) for i in range(10)]
     return _split_off_val(name, train, test, names, n_val=min(5000, len(train) // 10))
 
@@ -299,6 +310,8 @@ def _load_cifar10(root: Path | None) -> DatasetSplits:
                 raise UserError(f"{path} does not hold 32x32 RGB CIFAR images with labels")
             if len(labels) != data.shape[0]:
                 raise UserError(f"{path} has {data.shape[0]} images but {len(labels)} labels")
+            if any(not 0 <= int(v) < len(CIFAR10_CLASSES) for v in labels):
+                raise UserError(f"{path} holds labels outside 0..9; it is not a CIFAR-10 batch")
             xs.append(data.reshape(-1, 3, 32, 32))
             ys.extend(int(v) for v in labels)
         x = torch.from_numpy(np.concatenate(xs)).float() / 255.0

@@ -6,11 +6,13 @@ its members. Checkpoints (last and best) make a killed run resumable with `resum
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,8 +54,14 @@ def evaluate_split(model: nn.Module, split: Split, batch_size: int = 1024) -> tu
     return correct / len(split), loss_sum / len(split)
 
 
-def _prepare_out(config: TrainConfig) -> Path | None:
-    """Check the output directory; return the checkpoint to resume from, if any."""
+def _holds_run(out: Path) -> bool:
+    return out.is_dir() and any(
+        (out / name).exists() for name in (DESCRIPTION, CHECKPOINTS, RUN_CONFIG)
+    )
+
+
+def _check_out(config: TrainConfig) -> Path | None:
+    """Check the output directory (touching nothing); return the checkpoint to resume from."""
     out = config.out
     ckpt = out / CHECKPOINTS / "last.ckpt"
     if config.resume:
@@ -71,18 +79,55 @@ def _prepare_out(config: TrainConfig) -> Path | None:
                     f"--resume with different {', '.join(changed)} than the run in {out};"
                     " pass the original flags or train into a new --out"
                 )
+        _check_checkpoint(ckpt)
         return ckpt
-    holds_run = out.is_dir() and any(
-        (out / name).exists() for name in (DESCRIPTION, CHECKPOINTS, RUN_CONFIG)
-    )
-    if holds_run:
-        if not config.overwrite:
-            raise UserError(
-                f"{out} already holds a run; pass --overwrite to replace it, --resume to continue"
-                " it, or choose another --out"
-            )
-        shutil.rmtree(out)
+    if _holds_run(out) and not config.overwrite:
+        raise UserError(
+            f"{out} already holds a run; pass --overwrite to replace it, --resume to continue"
+            " it, or choose another --out"
+        )
     return None
+
+
+def _check_checkpoint(ckpt: Path) -> None:
+    """A checkpoint we cannot read is a one-line error, not a traceback from inside fit()."""
+    try:
+        torch.load(ckpt, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, ...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(
+            f"cannot resume: {ckpt} is unreadable ({first}); train again with --overwrite"
+        ) from None
+
+
+@contextlib.contextmanager
+def _guarded_out(out: Path, replace: bool) -> Iterator[None]:
+    """Train into `out` so that a failure loses nothing that was there before.
+
+    With `replace` the old run is moved aside and only deleted once the new one is complete; if
+    training fails it comes back. A fresh run that fails before its first checkpoint leaves
+    nothing behind (one with a checkpoint stays, for --resume).
+    """
+    aside = out.with_name(f".{out.name}.replaced")
+    if replace:
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(out, aside)
+    try:
+        yield
+    except BaseException:
+        if replace:
+            shutil.rmtree(out, ignore_errors=True)
+            os.replace(aside, out)
+        elif not (out / CHECKPOINTS / "last.ckpt").is_file():
+            for name in (RUN_CONFIG, CHECKPOINTS, "logs"):
+                shutil.rmtree(out / name, ignore_errors=True)
+                with contextlib.suppress(FileNotFoundError):
+                    (out / name).unlink()
+            with contextlib.suppress(OSError):
+                out.rmdir()  # only if now empty
+        raise
+    if replace:
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def _build(config: TrainConfig, splits: DatasetSplits) -> OrbitClassifier:
@@ -133,11 +178,13 @@ def train(config: TrainConfig, splits: DatasetSplits | None = None) -> TrainResu
 
     _quiet_lightning()
     started = time.perf_counter()
-    if _is_launching_process():
-        resume_from = _prepare_out(config)
+    launching = _is_launching_process()
+    if launching:
+        resume_from = _check_out(config)
     else:
         last = config.out / CHECKPOINTS / "last.ckpt"
         resume_from = last if config.resume and last.is_file() else None
+    # Everything the user gave is checked before anything in --out is touched.
     if splits is None:
         splits = load_dataset(config.dataset, config.data_root)
     pl.seed_everything(config.seed, workers=True, verbose=False)
@@ -162,7 +209,9 @@ def train(config: TrainConfig, splits: DatasetSplits | None = None) -> TrainResu
         )
     ]
     callbacks += _optional_callbacks()
-    trainer = pl.Trainer(
+    trainer = _make_trainer(
+        config,
+        callbacks,
         max_epochs=config.epochs,
         accelerator=config.accelerator,
         devices=config.devices,
@@ -170,21 +219,37 @@ def train(config: TrainConfig, splits: DatasetSplits | None = None) -> TrainResu
         num_nodes=config.num_nodes,
         precision=config.precision,
         logger=CSVLogger(save_dir=config.out, name="logs"),  # logs/version_N per attempt
-        callbacks=callbacks,
         enable_progress_bar=config.progress,
         enable_model_summary=False,
         deterministic=False,
         log_every_n_steps=10,
     )
-    if trainer.is_global_zero:
-        atomic.write_json(config.out / RUN_CONFIG, config.to_json())
-    trainer.fit(module, datamodule=data, ckpt_path=resume_from, weights_only=True)
-    model = module.model.cpu().float().eval()
-    test_acc, test_loss = evaluate_split(model, splits.test)
-    seconds = time.perf_counter() - started
-    if trainer.is_global_zero:
-        _write_artifacts(config, splits, model, test_acc, test_loss, seconds, trainer)
+    replace = launching and resume_from is None and _holds_run(config.out)
+    with _guarded_out(config.out, replace) if launching else contextlib.nullcontext():
+        if trainer.is_global_zero:
+            atomic.write_json(config.out / RUN_CONFIG, config.to_json())
+        trainer.fit(module, datamodule=data, ckpt_path=resume_from, weights_only=True)
+        model = module.model.cpu().float().eval()
+        test_acc, test_loss = evaluate_split(model, splits.test)
+        seconds = time.perf_counter() - started
+        if trainer.is_global_zero:
+            _write_artifacts(config, splits, model, test_acc, test_loss, seconds, trainer)
     return TrainResult(config.out, test_acc, test_loss, seconds, model, trainer.is_global_zero)
+
+
+def _make_trainer(config: TrainConfig, callbacks: list, **kwargs):  # noqa: ANN202
+    """Lightning's Trainer; flags it refuses (accelerator, strategy, precision) are user errors."""
+    import pytorch_lightning as pl
+    from pytorch_lightning.utilities.exceptions import MisconfigurationException
+
+    try:
+        return pl.Trainer(callbacks=callbacks, **kwargs)
+    except (ValueError, MisconfigurationException) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(
+            f"Lightning refuses --accelerator {config.accelerator} --strategy {config.strategy}"
+            f" --precision {config.precision} --devices {config.devices}: {first}"
+        ) from None
 
 
 def _optional_callbacks() -> list:
@@ -222,7 +287,6 @@ def _write_artifacts(
         "data_fingerprint": splits.fingerprint(),
         "train_config": config.to_json(),
     }
-    save_model(config.out, model, info)
     metrics = {
         "test_accuracy": test_acc,
         "test_loss": test_loss,
@@ -233,4 +297,7 @@ def _write_artifacts(
         "world_size": int(trainer.world_size),
         "seconds": round(seconds, 2),
     }
+    # The conserved quantity at the end of training (training/q_monitor.py), when the slot has one.
+    metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("q_")})
     atomic.write_json(config.out / METRICS, metrics)
+    save_model(config.out, model, info)  # last: model.json marks a finished run

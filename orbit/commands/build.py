@@ -7,20 +7,21 @@ from pathlib import Path
 
 import typer
 
-from ensemble.build import DEFAULT_EPS, METHODS
 from orbit.errors import UserError
-from orbit.layout import RunLayout
+from orbit.layout import ENSEMBLE_METHODS, RunLayout
 
 
 def register(app: typer.Typer) -> None:
     @app.command("build")
     def build_cmd(
         run: Path = typer.Option(..., help="Run directory holding base/ (e.g. runs/digits-cnn)."),
-        method: str = typer.Option("symmetry", help=" | ".join(METHODS)),
+        method: str = typer.Option("symmetry", help=" | ".join(ENSEMBLE_METHODS)),
         members: int = typer.Option(
             None, help="Ensemble size N (default: 64; 5 for --method deep)."
         ),
-        eps: float = typer.Option(DEFAULT_EPS, help="Group step: g = expm(eps T)."),
+        eps: float = typer.Option(
+            None, help="Group step: g = expm(eps T) (default: 0.5, see ensemble/build.py)."
+        ),
         anchors: int = typer.Option(None, help="Anchors k per member (default: hidden // 2)."),
         algebra: str = typer.Option("gl", help="Lie algebra of T: gl | so | diag."),
         seed: int = typer.Option(0, help="Seed of group elements, anchors and perturbations."),

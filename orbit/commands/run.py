@@ -59,17 +59,21 @@ def register(app: typer.Typer) -> None:
             return True
 
         train = ["train", "--run", str(run), "--dataset", dataset, "--model", model, *root]
-        train += ["--epochs", str(epochs)] if epochs else []
+        train += ["--epochs", str(epochs)] if epochs is not None else []
         if needed(layout.base / "model.json", "train"):
             _invoke([*train, *common, *redo])
         if adv_train and needed(layout.adv / "model.json", "train --adv-train"):
             _invoke([*train, "--adv-train", "pgd", *common, *redo])
         for method in [m.strip() for m in methods.split(",") if m.strip()]:
             if needed(layout.ensemble(method) / "ensemble.json", f"build {method}"):
-                size = ["--members", str(members)] if members else []
+                size = ["--members", str(members)] if members is not None else []
                 _invoke(["build", "--run", str(run), "--method", method, *size, *common, *redo])
         evaluate = ["evaluate", "--run", str(run), "--attacks", attacks, "--eps", eps]
-        evaluate += ["--threat", threat, *(["--samples", str(samples)] if samples else [])]
+        evaluate += [
+            "--threat",
+            threat,
+            *(["--samples", str(samples)] if samples is not None else []),
+        ]
         _invoke([*evaluate, *common])
         _invoke(["export", "--run", str(run)])
         print(f"\norbit run: done; everything is in {run}")
