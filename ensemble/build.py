@@ -29,7 +29,6 @@ if TYPE_CHECKING:
 # points) and members agree with the base on >= 90% of test inputs, on both models.
 DEFAULT_EPS = 0.5
 DEFAULT_MEMBERS = {"symmetry": 64, "random": 64, "deep": 5}
-ANCHOR_TOLERANCE = 1e-4  # float32 budget for |member - base| logits on a member's own anchors
 FIDELITY_STEPS = 3  # train, val, test
 
 Progress = Callable[[str], None]  # called once per finished step, with what comes next
@@ -95,6 +94,8 @@ def _check_inputs(base: LoadedModel, splits: DatasetSplits, request: BuildReques
             f"dataset {splits.name} has inputs {list(splits.input_shape)}, the base model expects"
             f" {list(base.model.spec.input_shape)}"
         )
+    if request.method == "deep":  # trained members: no anchors
+        return 0
     k = request.anchors if request.anchors is not None else default_anchors(slot.fc1.out_features)
     check_anchor_count(k, len(splits.train))
     return k
@@ -115,6 +116,7 @@ def build_ensemble(
     """
     from ensemble.artifacts import save_ensemble
     from ensemble.fidelity import fidelity_report
+    from ensemble.symmetry import ANCHOR_TOLERANCE
 
     out = Path(out_dir)
     step = progress or (lambda _next: None)
@@ -143,6 +145,8 @@ def build_ensemble(
             ensemble, tensors, cert = _orbit(base, splits, request, k, info)
             step("fidelity: train split")
     notes = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    if request.method == "random":  # its notes come from the symmetry build it is matched to
+        notes = [f"the symmetry members this baseline is matched to: {n}" for n in notes]
     build_seconds = time.perf_counter() - started
 
     started = time.perf_counter()

@@ -60,4 +60,7 @@ def group_elements(t: torch.Tensor, eps: float) -> torch.Tensor:
     """g = expm(eps T), batched over the leading dimension (float64 for the solve)."""
     if not eps > 0:
         raise UserError(f"--eps must be positive, got {eps}")
-    return torch.linalg.matrix_exp(eps * t.to(torch.float64))
+    g = torch.linalg.matrix_exp(eps * t.to(torch.float64))
+    if not bool(torch.isfinite(g).all()):
+        raise UserError(f"expm(eps T) overflows float64 at --eps {eps:g}; use a much smaller --eps")
+    return g

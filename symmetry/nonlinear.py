@@ -30,6 +30,7 @@ class ActionSolve:
 
     pi: torch.Tensor  # [N, h, h] float64
     condition: torch.Tensor  # [N] float64: s_max / s_min of A (inf when rank-deficient)
+    kept_condition: torch.Tensor  # [N] float64: s_max / smallest singular value the solve used
     rank: torch.Tensor  # [N] int64: numerical rank of A
     residual: torch.Tensor  # [N] float64: max |A Pi - A0| (0 up to rounding when exact)
     dead_units: torch.Tensor  # [N] int64: hidden units that are zero on every anchor in A
@@ -64,9 +65,11 @@ def solve_pi(a: torch.Tensor, a0: torch.Tensor) -> ActionSolve:
     condition = torch.where(
         (s_min > 0) & (rank == s.shape[1]), s_max[:, 0] / s_min, torch.full_like(s_min, torch.inf)
     )
+    s_kept = torch.where(keep, s, torch.inf).amin(dim=1)
+    kept_condition = s_max[:, 0] / s_kept
     residual = (a @ pi - a0).abs().amax(dim=(1, 2))
     dead = (a.abs().amax(dim=1) == 0).sum(dim=1)
-    return ActionSolve(pi, condition, rank, residual, dead, anchors=k)
+    return ActionSolve(pi, condition, kept_condition, rank, residual, dead, anchors=k)
 
 
 def nonlinear_action(h0: torch.Tensor, g: torch.Tensor, act: Activation) -> ActionSolve:

@@ -76,7 +76,7 @@ def test_anchors_are_stratified_distinct_and_seeded(splits: DatasetSplits) -> No
         member_anchors(y, 0, 1, seed=0)
 
 
-def test_trained_members_are_exact_on_their_anchors(
+def test_trained_members_are_exact_on_their_anchors_in_float32(
     trained: LoadedModel, splits: DatasetSplits
 ) -> None:
     """The issue's figure: max |logit diff| on anchors <= 1e-4 in float32 for every member."""
@@ -174,6 +174,36 @@ def test_rank_deficient_relu_slot_is_refused(splits: DatasetSplits) -> None:
         model.slot.fc1.bias[8:] = -1e3  # at least 56 of 64 units never fire
     with pytest.raises(UserError, match=r"rank-deficient \(rank [1-8] < 32, (5[6-9]|6\d) of 64"):
         build_symmetry(model, splits.train.x, splits.train.y, members=2, eps=0.01, anchors=K)
+
+
+def test_dead_relu_units_in_the_least_squares_regime_are_a_warning(splits: DatasetSplits) -> None:
+    """With k > h the fit is approximate anyway: dead units shrink it, they do not stop it."""
+    model = _untrained("relu", splits)
+    with torch.no_grad():
+        model.slot.fc1.bias[48:] = -1e3  # 16 of 64 units never fire
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        b = build_symmetry(model, splits.train.x, splits.train.y, members=2, eps=0.01, anchors=128)
+    messages = " ".join(str(w.message) for w in caught)
+    assert "APPROXIMATE" in messages and "zero on all their anchors" in messages
+    assert bool(torch.isfinite(b.condition).all())
+
+
+def test_a_group_step_too_far_for_float32_is_redrawn_or_refused(
+    trained: LoadedModel, splits: DatasetSplits
+) -> None:
+    """Far from the identity g is ill-conditioned and float32 loses exactness even when
+    sigma(H0 g^T) is well conditioned: no member past the float32 budget may be accepted."""
+    x, y = splits.train.x, splits.train.y
+    try:
+        b = build_symmetry(trained.model, x, y, members=4, eps=20.0, anchors=K)
+    except UserError as e:
+        assert "float32 logits differ" in str(e) or "condition number" in str(e)
+    else:
+        assert float(b.anchor_error.max()) <= 1e-4
+        assert float(_own_anchor_error(b, trained.model, x).max()) <= 1e-4
+    with pytest.raises(UserError, match="overflows float64 at --eps 800"):
+        build_symmetry(trained.model, x, y, members=2, eps=800.0, anchors=K)
 
 
 def test_more_anchors_than_width_warns_and_is_approximate(
