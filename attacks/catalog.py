@@ -27,6 +27,10 @@ class AttackInfo:
     iterative: bool
     default_steps: int | None
     summary: str
+    # A transfer version exists: for EVERY input a highest-loss point on the base model. Attacks
+    # that return the clean input wherever they fail on their target (AutoAttack, CW) have none:
+    # under transfer they would hand the clean image to every other model.
+    transfer: bool = True
 
 
 ATTACKS: dict[str, AttackInfo] = {
@@ -47,8 +51,11 @@ ATTACKS: dict[str, AttackInfo] = {
             True,
             AUTOATTACK_ITERATIONS,
             "AutoAttack standard: APGD-CE, APGD-T, FAB-T, Square",
+            transfer=False,
         ),
-        AttackInfo("square", "Linf", False, True, True, None, "Square, query-only random search"),
+        AttackInfo(
+            "square", "Linf", False, True, True, None, "Square, query-only random search", False
+        ),
         AttackInfo(
             "cw",
             "L2",
@@ -57,6 +64,7 @@ ATTACKS: dict[str, AttackInfo] = {
             True,
             50,
             "Carlini-Wagner L2 (unbounded; counted as a success only within eps)",
+            transfer=False,
         ),
     )
 }

@@ -29,8 +29,8 @@ from torchmetrics import Metric
 from attacks import memory
 from attacks.catalog import ATTACKS, AttackOptions
 from attacks.config import EvalConfig
-from attacks.registry import build_attack, perturbation_norm
-from attacks.stats import auroc, encode_mask, wilson_interval
+from attacks.registry import build_attack, perturbation_norm, transfer_differs
+from attacks.stats import auroc, auroc_interval, encode_mask, mean_interval, wilson_interval
 from attacks.threats import UNBOUNDED_EPS, UNBOUNDED_STEPS, plan
 from ensemble.base import FusedEnsemble, summarize
 from orbit.errors import UserError
@@ -149,7 +149,7 @@ class CellMetric(Metric):
         self.add_state("ids", [], dist_reduce_fx="cat")
         self.add_state("oks", [], dist_reduce_fx="cat")
         if ensemble:
-            for name in ("mi_clean", "mi_adv", "clean_ok", "adv_ok"):
+            for name in ("mi_clean", "mi_adv", "clean_ok", "adv_ok", "agree"):
                 self.add_state(name, [], dist_reduce_fx="cat")
 
     def update(
@@ -160,7 +160,9 @@ class CellMetric(Metric):
         adv: Outputs,
         violations: int,
     ) -> None:
-        ok = adv.label == y
+        # Robust: right on the clean input and on the attacked one (a perturbation that repairs a
+        # mistake does not count), as RobustBench and AutoAttack count robust accuracy.
+        ok = (adv.label == y) & (clean.label == y)
         self.correct += ok.sum()
         self.total += y.numel()
         self.violations += violations
@@ -169,6 +171,7 @@ class CellMetric(Metric):
         if self.ensemble:
             self.agree_votes += adv.agree_votes.sum()
             self.votes += adv.members * y.numel()
+            self.agree.append(adv.agree_votes.double() / adv.members)
             self.mi_clean.append(clean.mutual_info.float())
             self.mi_adv.append(adv.mutual_info.float())
             self.clean_ok.append((clean.label == y).float())
@@ -180,16 +183,28 @@ class CellMetric(Metric):
             "correct": int(self.correct),
             "budget_violations": int(self.violations),
             "agreement": None,
+            "agreement_ci95": None,
             "auroc_mi": None,
+            "auroc_mi_ci95": None,
+            "auroc_mi_n": None,
             "auroc_mi_successful": None,
+            "auroc_mi_successful_ci95": None,
+            "auroc_mi_successful_n": None,
             "correct_mask": encode_mask(_cat(self.ids), _cat(self.oks)),
         }
         if self.ensemble and int(self.votes) > 0:
             out["agreement"] = int(self.agree_votes) / int(self.votes)
+            out["agreement_ci95"] = mean_interval(_cat(self.agree))
             mi_c, mi_a = _cat(self.mi_clean), _cat(self.mi_adv)
             c_ok, a_ok = _cat(self.clean_ok) > 0.5, _cat(self.adv_ok) > 0.5
-            out["auroc_mi"] = auroc(mi_c, mi_a)
-            out["auroc_mi_successful"] = auroc(mi_c[c_ok], mi_a[c_ok & ~a_ok])
+            for key, neg, pos in (
+                ("auroc_mi", mi_c, mi_a),
+                ("auroc_mi_successful", mi_c[c_ok], mi_a[c_ok & ~a_ok]),
+            ):
+                out[key] = auroc(neg, pos)
+                out[f"{key}_n"] = [int(neg.size), int(pos.size)]  # clean, adversarial
+                if out[key] is not None:
+                    out[f"{key}_ci95"] = list(auroc_interval(out[key], neg.size, pos.size))
         return out
 
 
@@ -263,8 +278,11 @@ class SweepModule(pl.LightningModule):
         batches = Batches(self.x, self.y, self.job.batch_size)
         return DataLoader(batches, batch_size=None, sampler=sampler)  # items are whole batches
 
-    def craft(self, name: str, x: torch.Tensor, y: torch.Tensor, batch: int) -> tuple:
-        """Adversarial inputs crafted on model `name`, with out-of-budget ones reset to x."""
+    def craft(
+        self, name: str, x: torch.Tensor, y: torch.Tensor, batch: int, transfer: bool = False
+    ) -> tuple:
+        """Adversarial inputs crafted on model `name` (its transfer version when `transfer`),
+        with out-of-budget ones reset to x."""
         job = self.job
         assert job is not None and job.attack is not None
         seed = derive_seed(self.seed, job.role, job.attack, f"{job.eps:.10g}", name, batch)
@@ -272,7 +290,9 @@ class SweepModule(pl.LightningModule):
         if torch.cuda.is_available():
             torch.cuda.manual_seed_all(seed)
         model = self.nets[name]
-        attack = build_attack(job.attack, model, job.eps, job.options, seed, self.num_classes)
+        attack = build_attack(
+            job.attack, model, job.eps, job.options, seed, self.num_classes, transfer=transfer
+        )
         with torch.enable_grad():
             adv = attack(x, y).detach()
         info = ATTACKS[job.attack]
@@ -298,16 +318,19 @@ class SweepModule(pl.LightningModule):
             for name in self.names:
                 self.cells[f"{name}|clean"].update(index, y, clean[name], clean[name], 0)
         else:
-            crafted: dict[str, tuple] = {}
+            crafted: dict[tuple[str, bool], tuple] = {}
+            own_transfer = transfer_differs(job.attack, job.options)
 
-            def on(name: str) -> tuple:
-                if name not in crafted:
-                    crafted[name] = self.craft(name, x, y, number)
-                return crafted[name]
+            def on(name: str, transfer: bool) -> tuple:
+                key = (name, transfer and own_transfer)
+                if key not in crafted:
+                    crafted[key] = self.craft(name, x, y, number, transfer=key[1])
+                return crafted[key]
 
             for threat in job.threats:
                 for name in self.names:
-                    adv, violations = on(self.base if threat == "transfer" else name)
+                    transfer = threat == "transfer"
+                    adv, violations = on(self.base if transfer else name, transfer)
                     outs = model_outputs(self.nets[name], adv)
                     self.cells[f"{name}|{threat}"].update(index, y, clean[name], outs, violations)
         if self.on_batch is not None:
@@ -364,8 +387,18 @@ def result_rows(result: JobResult) -> list[dict[str, Any]]:
                 "accuracy": k / n if n else None,
                 "ci95": [lo, hi],
                 "agreement": c["agreement"],
-                "auroc_mi": None if job.attack is None else c["auroc_mi"],
-                "auroc_mi_successful": None if job.attack is None else c["auroc_mi_successful"],
+                "agreement_ci95": c["agreement_ci95"],
+                **{
+                    k: None if job.attack is None else c[k]
+                    for k in (
+                        "auroc_mi",
+                        "auroc_mi_ci95",
+                        "auroc_mi_n",
+                        "auroc_mi_successful",
+                        "auroc_mi_successful_ci95",
+                        "auroc_mi_successful_n",
+                    )
+                },  # fmt: skip
                 "budget_violations": c["budget_violations"],
                 "correct_mask": c["correct_mask"],
                 "batch_size": job.batch_size,
@@ -391,6 +424,7 @@ class Sweep:
         self.models, self.x, self.y = models, x, y
         self.num_classes, self.config = num_classes, config
         self.jobs = self._size_jobs(jobs_for(config))
+        self._trainer = self.trainer()  # now: flags Lightning refuses fail before any file
 
     def _size_jobs(self, jobs: list[Job]) -> list[Job]:
         sample = self.x[:1]
@@ -411,7 +445,21 @@ class Sweep:
         return sized
 
     def trainer(self) -> pl.Trainer:
+        """Lightning's Trainer for the test loop; flags it refuses are user errors."""
+        from pytorch_lightning.utilities.exceptions import MisconfigurationException
+
         _quiet_lightning()
+        try:
+            return self._make_trainer()
+        except (ValueError, MisconfigurationException, ImportError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            cfg = self.config
+            raise UserError(
+                f"Lightning refuses --accelerator {cfg.accelerator} --strategy {cfg.strategy}"
+                f" --devices {cfg.devices} --num-nodes {cfg.num_nodes}: {first}"
+            ) from None
+
+    def _make_trainer(self) -> pl.Trainer:
         return pl.Trainer(
             accelerator=self.config.accelerator,
             devices=self.config.devices,
@@ -433,7 +481,7 @@ class Sweep:
         on_job_start: Callable[[int, Job], None] | None = None,
     ) -> list[JobResult]:
         """Run every job; `on_job_done` sees each result as soon as all processes have it."""
-        trainer = self.trainer()
+        trainer = self._trainer
         module = SweepModule(
             self.models, self.x, self.y, self.num_classes, self.config.seed, on_batch
         )

@@ -1,8 +1,9 @@
 """Run a whole evaluation: the sweep, partial reports as jobs finish, sanity checks, figures.
 
 Only the process the user started writes files; under DDP the other processes compute their
-shards and leave. Each finished job rewrites report.json/report.md (status "running"), so an
-attack that fails midway leaves every number computed before it on disk (status "failed").
+shards and leave. Each finished job rewrites report.partial.json/md (status "running"), so an
+attack that fails midway leaves every number computed before it on disk (status "failed"), and
+the last complete report.json/md stays as it was until the new sweep completes.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from attacks.evaluate import (
 )
 from attacks.report import Report, write_report
 from attacks.sanity import run_checks
-from attacks.threats import plan
+from attacks.threats import plan, skipped_cells
 from orbit.errors import UserError
 
 
@@ -105,12 +106,15 @@ def evaluate(
     writer = is_launching_process()
     sweep = Sweep(models, x, y, num_classes, config)
     world = config.devices * config.num_nodes
+    cells = plan(list(config.attacks), list(config.threats))
+    ran = list(dict.fromkeys(c.attack for c in cells))  # square joins with --threat black-box
     report = Report(
         config={
             **config.to_json(),
-            "hyperparameters": {
-                a: resolved_hyperparameters(a, config.options) for a in config.attacks
-            },
+            "attacks_run": ran,
+            "cells": [{"attack": c.attack, "threat": c.threat} for c in cells],
+            "cells_not_run": skipped_cells(list(config.attacks), list(config.threats)),
+            "hyperparameters": {a: resolved_hyperparameters(a, config.options) for a in ran},
             "jobs": [{"label": j.label, "batch_size": j.batch_size} for j in sweep.jobs],
         },
         environment=environment(world),
@@ -161,9 +165,8 @@ def evaluate(
     report.environment["world_size"] = sweep.world_size
     independent = {m.name: (clean_accuracy(m.module, x, y), len(y)) for m in models}
     checks = run_checks(
-        report.rows, [m.name for m in models], independent, reference_clean, config.options,
-        list(config.attacks),
-    )  # fmt: skip
+        report.rows, [m.name for m in models], independent, reference_clean, config.options, ran
+    )
     report.sanity = [c.to_json() for c in checks]
     report.status = "complete"
     report.seconds = round(time.perf_counter() - started, 2)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torchattacks
 from torch import nn
+from torchattacks.attack import Attack
 
 from attacks.catalog import ATTACKS, AttackOptions
 from orbit.errors import UserError
@@ -38,6 +39,48 @@ class ReferenceCW(torchattacks.CW):
         return torch.clamp(gap, min=-self.kappa)
 
 
+class BestLossAPGD(torchattacks.APGD):
+    """APGD returning, for every input, its highest-loss point over the restarts (torchattacks'
+    own `best_loss` mode of APGD.perturb): the transfer source. The default mode returns the
+    clean input wherever the source model resisted, which would hand the clean image to every
+    model evaluated under transfer."""
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        images = images.clone().detach().to(self.device)
+        labels = labels.clone().detach().to(self.device)
+        _, adv = self.perturb(images, labels, best_loss=True)
+        return adv
+
+
+class BestLossRestarts(Attack):
+    """Restarts of one torchattacks attack keeping, per input, the run with the highest
+    cross-entropy on the source model: the transfer counterpart of MultiAttack (which keeps the
+    first run that fooled the source and the clean input where none did)."""
+
+    def __init__(self, model: nn.Module, runs: list[torchattacks.Attack]) -> None:
+        super().__init__("BestLossRestarts", model)
+        self.runs = runs
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        best = images.clone().detach()
+        best_loss = torch.full((len(images),), -torch.inf, device=images.device)
+        for run in self.runs:
+            adv = run(images, labels)
+            with torch.no_grad():
+                loss = nn.functional.cross_entropy(self.get_logits(adv), labels, reduction="none")
+            better = loss > best_loss
+            best[better] = adv[better]
+            best_loss = torch.where(better, loss, best_loss)
+        return best
+
+
+def transfer_differs(name: str, options: AttackOptions) -> bool:
+    """Whether the transfer version of `name` crafts other inputs than its white-box version
+    (then the base model is attacked twice: once to be evaluated, once as the source)."""
+    restarts = options.restarts > 1 and name in ("pgd", "pgd-l2")
+    return restarts or name in ("apgd-ce", "apgd-dlr")
+
+
 def build_attack(
     name: str,
     model: nn.Module,
@@ -45,9 +88,12 @@ def build_attack(
     options: AttackOptions,
     seed: int,
     num_classes: int,
+    transfer: bool = False,
 ) -> torchattacks.Attack:
     """The torchattacks attack `name` against `model` at budget `eps` (> 0).
 
+    `transfer`: the version whose examples are handed to other models (a highest-loss point for
+    every input; see threats.NO_TRANSFER for the attacks that have none).
     Attacks that draw random numbers through torch's global generator (PGD) are made
     reproducible by the caller seeding it; those with their own seed (APGD, Square, AutoAttack)
     get `seed`.
@@ -56,6 +102,8 @@ def build_attack(
         raise UserError(f"unknown attack {name!r}; choose from: {', '.join(ATTACKS)}")
     if not eps > 0:
         raise ValueError(f"build_attack needs eps > 0 (eps = 0 is the clean input), got {eps}")
+    if transfer and not ATTACKS[name].transfer:
+        raise ValueError(f"{name} has no transfer version")
     steps = options.steps_for(name)
     if name == "fgsm":
         return torchattacks.FGSM(model, eps=eps)
@@ -65,10 +113,12 @@ def build_attack(
             cls(model, eps=eps, alpha=options.step_size * eps, steps=steps, random_start=True)
             for _ in range(options.restarts)
         ]
-        # Restarts: MultiAttack keeps, per input, the first run that fooled the model.
-        return runs[0] if len(runs) == 1 else torchattacks.MultiAttack(runs)
+        if len(runs) == 1:
+            return runs[0]
+        # White-box: MultiAttack keeps, per input, the first run that fooled the model.
+        return BestLossRestarts(model, runs) if transfer else torchattacks.MultiAttack(runs)
     if name in ("apgd-ce", "apgd-dlr"):
-        return torchattacks.APGD(
+        return (BestLossAPGD if transfer else torchattacks.APGD)(
             model,
             norm="Linf",
             eps=eps,

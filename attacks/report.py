@@ -25,6 +25,10 @@ from orbit.errors import UserError
 SCHEMA = "orbit.report/1"
 JSON_NAME = "report.json"
 MD_NAME = "report.md"
+# While a sweep runs, and when it fails, its numbers go here; report.json/md are only ever a
+# complete report, so a failed rerun never replaces the last complete one.
+PARTIAL_JSON_NAME = "report.partial.json"
+PARTIAL_MD_NAME = "report.partial.md"
 STATUSES = ("running", "complete", "failed")
 
 
@@ -80,16 +84,26 @@ class Report:
 
 
 def write_report(out_dir: str | Path, report: Report) -> None:
-    """report.json then report.md, each written atomically."""
+    """report.json then report.md (each written atomically) for a complete report, which also
+    removes the partial files; report.partial.json/md for a running or failed one."""
     out = Path(out_dir)
-    atomic.write_json(out / JSON_NAME, report.to_json())
-    atomic.write_text(out / MD_NAME, render_markdown(report))
+    complete = report.status == "complete"
+    names = (JSON_NAME, MD_NAME) if complete else (PARTIAL_JSON_NAME, PARTIAL_MD_NAME)
+    atomic.write_text(
+        out / names[0], json.dumps(report.to_json(), indent=2, allow_nan=False) + "\n"
+    )
+    atomic.write_text(out / names[1], render_markdown(report))
+    if complete:
+        for name in (PARTIAL_JSON_NAME, PARTIAL_MD_NAME):
+            (out / name).unlink(missing_ok=True)
 
 
-def load_report(path: str | Path) -> Report:
+def load_report(path: str | Path, partial: bool = False) -> Report:
+    """The complete report in `path` (a report.json or its directory); `partial`: the numbers of
+    a running or failed sweep instead."""
     path = Path(path)
     if path.is_dir():
-        path = path / JSON_NAME
+        path = path / (PARTIAL_JSON_NAME if partial else JSON_NAME)
     if not path.is_file():
         raise UserError(f"{path} not found; run `orbit evaluate` first")
     try:
@@ -113,6 +127,14 @@ def _cell(r: dict[str, Any]) -> str:
 
 def _num(x: float | None) -> str:
     return "–" if x is None else f"{x:.3f}"
+
+
+def _est(r: dict[str, Any], key: str) -> str:
+    """An estimate with its 95% interval (and its clean/adversarial counts for AUROCs)."""
+    ci = r.get(f"{key}_ci95")
+    text = _num(r[key]) + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if r[key] is not None and ci else "")
+    counts = r.get(f"{key}_n")
+    return text + (f" ({counts[0]}/{counts[1]})" if counts else "")
 
 
 def render_markdown(report: Report) -> str:
@@ -157,10 +179,15 @@ def render_markdown(report: Report) -> str:
                 "|---|---|---|---|---|",
             ]
             lines += [
-                f"| {r['model']} | {r['eps']:g} | {_num(r['agreement'])} | {_num(r['auroc_mi'])}"
-                f" | {_num(r['auroc_mi_successful'])} |"
+                f"| {r['model']} | {r['eps']:g} | {_est(r, 'agreement')} | {_est(r, 'auroc_mi')}"
+                f" | {_est(r, 'auroc_mi_successful')} |"
                 for r in ens
             ]
+        lines.append("")
+    not_run = cfg.get("cells_not_run") or []
+    if not_run:
+        lines += ["## Not run", ""]
+        lines += [f"- {c['attack']} under {c['threat']}: {c['reason']}" for c in not_run]
         lines.append("")
     if report.sanity:
         lines += ["## Sanity checks", "", "| model | check | status | detail |"]
@@ -176,8 +203,11 @@ def render_markdown(report: Report) -> str:
         lines += [f"- {c['model']}: {c['check']}: {c['message']}" for c in warns] or ["- none"]
         lines.append("")
     lines += [
-        "AUROC(MI): how well the ensemble's mutual information separates clean from adversarial"
-        " inputs (0.5 = not at all); 'successful' restricts to correctly classified clean inputs"
+        "Robust accuracy counts an input when the model is right on it both clean and attacked."
+        " Agreement: mean share of members voting with the ensemble, with a normal 95% interval"
+        " over inputs. AUROC(MI): how well the ensemble's mutual information separates clean from"
+        " adversarial inputs (0.5 = not at all), with its Hanley-McNeil 95% interval and"
+        " (clean/adversarial) counts; 'successful' restricts to correctly classified clean inputs"
         " and the adversarial inputs that fooled the ensemble.",
         "",
     ]

@@ -43,6 +43,27 @@ def auroc(negatives: np.ndarray, positives: np.ndarray) -> float | None:
     return float(roc_auc_score(labels, scores))
 
 
+def auroc_interval(a: float, negatives: int, positives: int, z: float = Z95) -> tuple[float, float]:
+    """95% interval of an AUROC from its standard error (Hanley & McNeil, 1982), clipped to
+    [0, 1]; a normal approximation, adequate at the sample sizes of a report (tens or more)."""
+    q1, q2 = a / (2 - a), 2 * a * a / (1 + a)
+    var = (a * (1 - a) + (positives - 1) * (q1 - a * a) + (negatives - 1) * (q2 - a * a)) / (
+        positives * negatives
+    )
+    half = z * math.sqrt(max(var, 0.0))
+    return (max(0.0, a - half), min(1.0, a + half))
+
+
+def mean_interval(values: np.ndarray, z: float = Z95) -> list[float] | None:
+    """95% normal interval of the mean of per-input values in [0, 1] (None when n < 2)."""
+    values = np.asarray(values, dtype=np.float64).ravel()
+    if values.size < 2:
+        return None
+    half = z * float(values.std(ddof=1)) / math.sqrt(values.size)
+    m = float(values.mean())
+    return [max(0.0, m - half), min(1.0, m + half)]
+
+
 def encode_mask(ids: np.ndarray, oks: np.ndarray) -> str:
     """Per-input correctness as hex: bit i (numpy packbits order) = input i stayed correct."""
     n = int(ids.max()) + 1 if ids.size else 0

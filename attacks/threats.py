@@ -12,6 +12,7 @@ black-box threat model, so `--threat black-box` adds square and `square` runs as
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from attacks.catalog import ATTACKS
@@ -37,7 +38,8 @@ def parse_threats(text: str) -> list[str]:
 
 
 def parse_eps(text: str, flag: str = "--eps") -> list[float]:
-    """'0,0.05,0.1' -> sorted unique budgets; negative or non-numeric values are user errors."""
+    """'0,0.05,0.1' -> sorted unique budgets; negative, infinite or non-numeric values are user
+    errors."""
     values: list[float] = []
     for part in (p.strip() for p in text.split(",")):
         if not part:
@@ -46,8 +48,8 @@ def parse_eps(text: str, flag: str = "--eps") -> list[float]:
             v = float(part)
         except ValueError:
             raise UserError(f"{flag}: {part!r} is not a number (e.g. {flag} 0,0.05,0.1)") from None
-        if v != v or v < 0:
-            raise UserError(f"{flag}: budgets must be >= 0 (pixel units), got {part}")
+        if not math.isfinite(v) or v < 0:
+            raise UserError(f"{flag}: budgets must be finite and >= 0 (pixel units), got {part}")
         values.append(v)
     if not values:
         raise UserError(f"{flag} is empty; give budgets such as 0,0.05,0.1")
@@ -62,18 +64,45 @@ class Cell:
     threat: str
 
 
+NO_TRANSFER = (
+    "it returns the clean input wherever it fails on the base model, so it has no transfer"
+    " version (transfer needs a highest-loss point for every input)"
+)
+
+
 def plan(attacks: list[str], threats: list[str]) -> list[Cell]:
-    """The (attack, threat) cells of the sweep, in a fixed order."""
+    """The (attack, threat) cells of the sweep, in a fixed order. Every requested attack gets at
+    least one cell, or the request is a user error (nothing is silently dropped)."""
     attacks = list(attacks)
     threats = list(threats)
     if "black-box" in threats and BLACK_BOX_ATTACK not in attacks:
         attacks.append(BLACK_BOX_ATTACK)
     cells: list[Cell] = []
     for a in attacks:
-        if not ATTACKS[a].gradient:
+        info = ATTACKS[a]
+        if not info.gradient:
             cells.append(Cell(a, "black-box"))
             continue
-        cells += [Cell(a, t) for t in threats if t != "black-box"]
-    if not cells:
-        raise UserError("nothing to evaluate: gradient attacks need --threat transfer or white-box")
+        mine = [
+            Cell(a, t) for t in threats if t == "white-box" or (t == "transfer" and info.transfer)
+        ]
+        if not mine:
+            if "transfer" in threats:
+                raise UserError(
+                    f"{a} cannot run under --threat transfer: {NO_TRANSFER}; add white-box"
+                )
+            raise UserError(
+                f"{a} is a gradient attack: it runs under --threat transfer or white-box, not"
+                " black-box alone (the black-box attack is square)"
+            )
+        cells += mine
     return cells
+
+
+def skipped_cells(attacks: list[str], threats: list[str]) -> list[dict[str, str]]:
+    """The requested (attack, threat) pairs the sweep leaves out, and why (for the report)."""
+    return [
+        {"attack": a, "threat": "transfer", "reason": NO_TRANSFER}
+        for a in attacks
+        if "transfer" in threats and ATTACKS[a].gradient and not ATTACKS[a].transfer
+    ]

@@ -14,8 +14,16 @@ from attacks import memory
 from attacks.catalog import ATTACKS, AttackOptions, parse_attacks
 from attacks.registry import build_attack, perturbation_norm
 from attacks.sanity import NEAR_ZERO, run_checks
-from attacks.stats import auroc, decode_mask, encode_mask, sign_test, wilson_interval
-from attacks.threats import parse_eps, parse_threats, plan
+from attacks.stats import (
+    auroc,
+    auroc_interval,
+    decode_mask,
+    encode_mask,
+    mean_interval,
+    sign_test,
+    wilson_interval,
+)
+from attacks.threats import parse_eps, parse_threats, plan, skipped_cells
 from orbit.errors import UserError
 from training.datasets import load_dataset
 from training.models import ModelSpec, build_model
@@ -75,6 +83,8 @@ def test_registry_rejects_unknown_names_and_bad_budgets():
     with pytest.raises(UserError, match="not a number"):
         parse_eps("0,abc")
     assert parse_eps("0.1,0,0.1") == [0.0, 0.1]
+    with pytest.raises(UserError, match="finite"):
+        parse_eps("0,inf")
     with pytest.raises(UserError, match="--steps"):
         AttackOptions(steps=0)
 
@@ -89,6 +99,54 @@ def test_black_box_is_square_and_gradient_attacks_never_run_query_only():
     assert [(c.attack, c.threat) for c in plan(["square"], ["white-box"])] == [
         ("square", "black-box")
     ]
+
+
+def test_no_requested_attack_is_silently_dropped():
+    cells = plan(["fgsm", "autoattack"], ["transfer", "white-box"])
+    assert [(c.attack, c.threat) for c in cells] == [
+        ("fgsm", "transfer"),
+        ("fgsm", "white-box"),
+        ("autoattack", "white-box"),  # it has no transfer version: listed as not run
+    ]
+    skipped = skipped_cells(["fgsm", "autoattack", "cw"], ["transfer", "white-box"])
+    assert [(s["attack"], s["threat"]) for s in skipped] == [
+        ("autoattack", "transfer"),
+        ("cw", "transfer"),
+    ]
+    with pytest.raises(UserError, match="cw cannot run under --threat transfer"):
+        plan(["cw"], ["transfer"])
+    with pytest.raises(UserError, match="pgd is a gradient attack"):
+        plan(["pgd"], ["black-box"])
+
+
+def _ce(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return nn.functional.cross_entropy(model(x), y, reduction="none")
+
+
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [("pgd", AttackOptions(steps=3, restarts=2)), ("apgd-ce", AttackOptions(steps=5))],
+)
+def test_transfer_versions_perturb_every_input_where_white_box_ones_return_it_clean(
+    trained, name, options
+):
+    """White-box versions hand back the clean input wherever the model resisted (that is all the
+    white-box count needs); a transfer source must give every input its highest-loss point,
+    or resisted inputs would reach the other models unattacked."""
+    model, x, y = trained
+    eps = 0.03  # small: the model resists many inputs
+    torch.manual_seed(0)
+    white = build_attack(name, model, eps, options, 0, 10)(x, y)
+    torch.manual_seed(0)
+    source = build_attack(name, model, eps, options, 0, 10, transfer=True)(x, y)
+    untouched = perturbation_norm(white - x, "Linf") == 0
+    assert int(untouched.sum()) > 0  # the white-box version left resisted inputs clean
+    assert bool((perturbation_norm(source - x, "Linf") > 0).all())
+    assert float(perturbation_norm(source - x, "Linf").max()) <= eps * (1 + 1e-5)
+    assert bool((_ce(model, source, y) >= _ce(model, x, y) - 1e-6).all())
+    with pytest.raises(ValueError, match="no transfer version"):
+        build_attack("autoattack", model, eps, options, 0, 10, transfer=True)
 
 
 def test_pgd_restarts_keep_the_first_success_per_input(trained):
@@ -149,6 +207,27 @@ def test_auroc_matches_torchmetrics_and_ignores_sample_order():
     assert ours == pytest.approx(float(binary_auroc(scores, labels)), abs=1e-6)
     assert auroc(rng.permutation(neg), rng.permutation(pos)) == ours
     assert auroc(neg, np.array([])) is None
+
+
+def test_auroc_interval_matches_the_spread_of_auroc_over_resamples():
+    """Hanley-McNeil's standard error against the AUROC's real spread over 400 experiments."""
+    rng = np.random.default_rng(0)
+    n_neg, n_pos = 120, 60
+    values = [auroc(rng.normal(0, 1, n_neg), rng.normal(0.8, 1, n_pos)) for _ in range(400)]
+    a = float(np.mean(values))
+    lo, hi = auroc_interval(a, n_neg, n_pos)
+    assert lo < a < hi
+    assert (hi - lo) / 2 / 1.96 == pytest.approx(float(np.std(values)), rel=0.15)
+    assert auroc_interval(1.0, 10, 10) == (1.0, 1.0)
+    narrow = auroc_interval(0.7, 1000, 1000)
+    assert narrow[1] - narrow[0] < hi - lo
+
+
+def test_mean_interval_covers_the_mean():
+    values = np.array([1.0] * 90 + [0.5] * 10)
+    lo, hi = mean_interval(values)
+    assert lo < 0.95 < hi and hi <= 1.0
+    assert mean_interval(np.array([1.0])) is None
 
 
 def test_correctness_mask_round_trips_in_any_order():

@@ -196,14 +196,17 @@ def test_a_failing_attack_leaves_the_numbers_computed_before_it(setup, tmp_path,
 
     monkeypatch.setattr(evaluate_mod, "build_attack", flaky)
     models = [EvalModel("base", base), EvalModel("symmetry", ens)]
+    (tmp_path / "report.json").write_text('{"the last": "complete report"}')
     with pytest.raises(RuntimeError, match="simulated crash"):
         evaluate(models, x, y, 10, CONFIG, tmp_path, {"dataset": "digits"})
-    partial = load_report(tmp_path)
+    partial = load_report(tmp_path, partial=True)
     assert partial.status == "failed" and "simulated crash" in partial.error
     fgsm = [r for r in partial.rows if r["attack"] == "fgsm" and r["eps"] > 0]
     assert len(fgsm) == 2 * 2 * 2  # two eps, two threats, two models
     assert not [r for r in partial.rows if r["attack"] == "pgd" and r["eps"] > 0]
-    assert "simulated crash" in (tmp_path / "report.md").read_text()
+    assert "simulated crash" in (tmp_path / "report.partial.md").read_text()
+    # the last complete report is not replaced by a failed run
+    assert (tmp_path / "report.json").read_text() == '{"the last": "complete report"}'
 
 
 def test_memory_bound_chunks_batches_and_refuses_what_cannot_fit(setup):
@@ -237,3 +240,14 @@ def test_cw_fools_the_ensemble_whose_outputs_are_all_negative(setup):
     with torch.no_grad():
         fooled = float((ens(adv).argmax(-1) == y).float().mean())
     assert fooled <= clean - 0.3
+
+
+def test_an_attack_that_repairs_a_mistake_does_not_count_as_robust():
+    from attacks.evaluate import CellMetric, Outputs
+
+    metric = CellMetric(ensemble=False)
+    y = torch.tensor([0, 1, 2, 3])
+    clean = Outputs(torch.tensor([0, 1, 9, 9]))  # wrong on the last two
+    adv = Outputs(torch.tensor([0, 9, 2, 9]))  # the attack "repairs" input 2
+    metric.update(torch.arange(4), y, clean, adv, 0)
+    assert metric.compute()["correct"] == 1  # only input 0 is right both clean and attacked

@@ -95,10 +95,14 @@ def test_bad_input_is_one_line_and_exit_code_2(run_dir):
     "args,message",
     [
         (["--threat", "transfer,grey-box"], "unknown threat model 'grey-box'"),
-        (["--eps", "0,-0.1"], "must be >= 0"),
+        (["--eps", "0,-0.1"], "must be finite and >= 0"),
         (["--samples", "100000"], "more than the 359 inputs of the digits test split"),
         (["--models", "base,deep"], "'deep' is not in"),
         (["--strategy", "ddp_spawn"], "use --strategy ddp"),
+        (["--strategy", "bogus"], "Lightning refuses"),
+        (["--eps", "0,inf"], "finite"),
+        (["--attacks", "autoattack", "--threat", "transfer"], "has no transfer version"),
+        (["--attacks", "fgsm,pgd", "--threat", "black-box"], "fgsm is a gradient attack"),
     ],
 )
 def test_user_errors_name_the_problem(run_dir, tmp_path, args, message):
@@ -107,6 +111,15 @@ def test_user_errors_name_the_problem(run_dir, tmp_path, args, message):
     assert isinstance(result.exception, UserError)
     assert message in str(result.exception)
     assert not out.exists()  # nothing written before the input was checked
+
+
+def test_a_report_folder_that_cannot_be_made_is_one_line_exit_2(run_dir, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    proc = orbit("evaluate", "--run", str(run_dir), "--out", str(blocker / "report"))
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "is not a directory" in lines[0], proc.stderr
 
 
 def test_runs_without_a_base_model_or_without_ensembles_are_refused(run_dir, tmp_path):

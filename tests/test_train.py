@@ -111,6 +111,8 @@ def test_cli_adv_train_writes_the_adv_baseline(tmp_path):
         (["--precision", "nope"], "Lightning refuses"),
         (["--strategy", "nope"], "Lightning refuses"),
         (["--seed", "-1"], "--seed"),
+        (["--epochs", "abc"], "Invalid value for '--epochs'"),
+        (["--bogus"], "No such option: --bogus"),
     ],
 )
 def test_cli_user_errors_are_one_line_exit_2(tmp_path, args, message):

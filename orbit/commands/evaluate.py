@@ -4,6 +4,7 @@ baseline side by side, and write RUN/report/ (report.json, report.md, figures)."
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,20 @@ def load_models(layout: RunLayout, wanted: list[str] | None) -> tuple[list, Any]
     return models, base
 
 
+def _check_writable(folder: Path) -> None:
+    """The report can be written into `folder` (created later, only once there are numbers)."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(
+            f"cannot write the report into {folder}: {existing} is not a directory;"
+            " choose another --out"
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write the report into {folder}: {existing} is not writable")
+
+
 def _reference_clean(base_dir: Path, n: int) -> dict[str, tuple[int, int]]:
     """Training's own test accuracy, when it was measured on exactly the evaluated inputs."""
     path = base_dir / "metrics.json"
@@ -99,7 +114,7 @@ def evaluate_run(
     """
     from attacks.catalog import AttackOptions, parse_attacks
     from attacks.config import EvalConfig
-    from attacks.threats import parse_eps, parse_threats
+    from attacks.threats import parse_eps, parse_threats, plan
 
     config = EvalConfig(
         attacks=tuple(parse_attacks(attacks)),
@@ -124,11 +139,14 @@ def evaluate_run(
         num_nodes=num_nodes,
         progress=progress,
     )
+    plan(list(config.attacks), list(config.threats))  # every requested attack gets a cell
     if samples is not None and samples <= 0:
         raise UserError(f"--samples must be positive, got {samples}")
     layout = RunLayout.of(run)
     if not layout.root.is_dir():
         raise UserError(f"{layout.root} is not a run directory; run `orbit train` first")
+    report_dir = out or layout.report
+    _check_writable(report_dir)
     wanted = [m.strip() for m in models.split(",") if m.strip()] if models else None
     loaded, base = load_models(layout, wanted)
 
@@ -166,7 +184,7 @@ def evaluate_run(
         test.y[:n].contiguous(),
         splits.num_classes,
         config,
-        out or layout.report,
+        report_dir,
         data_info,
         reference_clean=_reference_clean(layout.base, n),
     )
@@ -205,6 +223,11 @@ def print_summary(report: Any, out_dir: Path) -> None:
     for c in warns:
         err.print(
             f"[yellow]warning:[/] {c['model']}: {c['check']}: {c['message']}", highlight=False
+        )
+    for c in report.config.get("cells_not_run") or []:
+        err.print(
+            f"[yellow]not run:[/] {c['attack']} under {c['threat']}: {c['reason']}",
+            highlight=False,
         )
     console.print(f"report -> {out_dir} ({report.seconds:.1f} s)", highlight=False)
 

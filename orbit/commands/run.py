@@ -11,6 +11,7 @@ from pathlib import Path
 
 import typer
 
+from orbit.errors import UserError
 from orbit.layout import RunLayout
 
 
@@ -47,6 +48,14 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Train a base model, build its ensembles, evaluate them under attack and export the
         symmetry ensemble as one ONNX graph, all into RUN."""
+        from attacks.catalog import parse_attacks
+        from attacks.threats import parse_eps, parse_threats, plan
+
+        # The evaluation's flags are checked now, not after training and building.
+        plan(parse_attacks(attacks), parse_threats(threat))
+        parse_eps(eps)
+        if samples is not None and samples <= 0:
+            raise UserError(f"--samples must be positive, got {samples}")
         layout = RunLayout.of(run)
         common = ["--seed", str(seed)] + ([] if progress else ["--no-progress"])
         root = ["--data-root", str(data_root)] if data_root else []
