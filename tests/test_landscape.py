@@ -24,6 +24,7 @@ from training.datasets import load_dataset
 from training.landscape import make_config, run_experiment
 from training.landscape.common import (
     Problem,
+    rank_correlation,
     teacher_problem,
     top_hessian_eigenvalue,
     train,
@@ -35,6 +36,16 @@ from training.q_monitor import QMonitor
 from training.train import train as train_pipeline
 
 PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _strict_json(path: Path) -> dict:
+    """The file parsed as strict JSON: NaN / Infinity (which json.dumps writes by default, and
+    no other JSON reader accepts) fail the test."""
+
+    def reject(constant: str) -> None:
+        raise AssertionError(f"{path} holds {constant}, which is not JSON")
+
+    return json.loads(path.read_text(), parse_constant=reject)
 
 
 def _metric_rows(csv_path: Path) -> list[dict[str, str]]:
@@ -143,7 +154,7 @@ SMALL = {
 def test_each_experiment_writes_json_and_png(tmp_path: Path, name: str) -> None:
     json_path, png_path, result = run_experiment(name, tmp_path, make_config(name, **SMALL[name]))
     assert png_path.read_bytes()[:8] == PNG
-    on_disk = json.loads(json_path.read_text())
+    on_disk = _strict_json(json_path)
     assert on_disk["experiment"] == name and on_disk["summary"] == json.loads(
         json.dumps(result["summary"])
     )
@@ -160,6 +171,143 @@ def test_each_experiment_writes_json_and_png(tmp_path: Path, name: str) -> None:
         for act in ("linear", "leaky_relu"):
             assert s[act]["loss_spread_along_minimum"] < 1e-9
             assert len(set(s[act]["top_eigenvalue_along_minimum"].values())) == 2
+            # whether each run reached a minimum: its final loss and gradient norm, every run
+            runs = on_disk["activations"][act]["trained"]
+            assert set(s[act]["loss_end_trained"]) == {"xavier", "-1", "1"}
+            for r in runs:
+                k = "xavier" if r["target_q"] is None else f"{r['target_q']:g}"
+                assert s[act]["loss_end_trained"][k] == r["loss_end"] < r["loss_start"]
+                assert s[act]["grad_norm_end_trained"][k] == r["grad_norm_end"] > 0
+            assert s[act]["rho_abs_q_vs_sharpness_trained"] is None  # 2 targets: undefined
+            assert s[act]["sharper_with_larger_abs_q"] is None
+
+
+def test_sharpness_reports_the_gradient_norm_where_each_run_ends() -> None:
+    from training.landscape import sharpness
+
+    cfg = make_config(
+        "sharpness", activations=("leaky_relu",), targets=(0.0,), steps=50, hessian_iters=20
+    )
+    result = sharpness.run(cfg)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    problem = teacher_problem(
+        "leaky_relu", cfg.samples, cfg.inputs, cfg.outputs, cfg.teacher_hidden, gen
+    )
+    p0 = xavier_params(cfg.inputs, cfg.hidden["leaky_relu"], cfg.outputs, gen)
+    end = train(p0, problem, cfg.lr, cfg.steps, every=cfg.steps)
+    leaves = {k: v.clone().requires_grad_(True) for k, v in end.params.items()}
+    grads = torch.autograd.grad(problem.loss(leaves), list(leaves.values()))
+    expected = float(torch.sqrt(sum(t.square().sum() for t in grads)))
+    summary = result["summary"]["leaky_relu"]
+    assert summary["grad_norm_end_trained"]["xavier"] == pytest.approx(expected, rel=1e-9)
+    assert summary["loss_end_trained"]["xavier"] == pytest.approx(end.loss[-1], rel=1e-12)
+
+
+def test_training_records_where_it_diverges() -> None:
+    gen = torch.Generator().manual_seed(0)
+    problem = teacher_problem("linear", 16, 4, 3, 4, gen)
+    p0 = xavier_params(4, 6, 3, gen)
+    blown = train(p0, problem, 1e3, 50, every=10)
+    assert blown.diverged_at is not None and 0 < blown.diverged_at < 10
+    assert blown.steps[-1] == blown.diverged_at and not math.isfinite(blown.loss[-1])
+    calm = train(p0, problem, 1e-2, 50, every=10)
+    assert calm.diverged_at is None and calm.steps[-1] == 50
+
+
+def test_a_diverged_experiment_writes_strict_json_and_says_so(tmp_path: Path) -> None:
+    """The reviewer's case: lr 1e3 diverges at once; the loss must not read as loss_start, and
+    no NaN may reach the JSON; undefined statistics are null, not False."""
+    cfg = make_config("convergence", lr=1e3, steps=5, targets=(-1.0, 0.0, 1.0), samples=16)
+    json_path, _, result = run_experiment("convergence", tmp_path, cfg)
+    on_disk = _strict_json(json_path)
+    assert on_disk == result
+    for act in ("linear", "leaky_relu"):
+        for r in on_disk["activations"][act]["runs"]:
+            assert r["diverged_at_step"] is not None and r["diverged_at_step"] <= 5
+            assert r["loss_end"] is None or r["loss_end"] > 1e6 * r["loss_start"]
+        s = on_disk["summary"][act]
+        assert set(s["diverged_at_step"]) == {"-1", "0", "1"}
+        assert s["rho_abs_q_vs_steps_to_1pct"] is None  # every run tied at "never"
+        assert s["faster_with_larger_abs_q"] is None
+    cfg = make_config("dynamics", lr=1e3, adam_lr=1e3, steps=20, samples=6, inputs=8, hidden=6)
+    json_path, _, _ = run_experiment("dynamics", tmp_path, cfg)
+    s = _strict_json(json_path)["summary"]
+    assert s["diverged_at_step"] and s["gd_within_1e-3"] is None
+
+
+def test_distribution_with_one_width_has_nothing_to_compare(tmp_path: Path) -> None:
+    cfg = make_config("distribution", widths=(1,), draws=1)
+    json_path, _, _ = run_experiment("distribution", tmp_path, cfg)
+    on_disk = _strict_json(json_path)
+    s = on_disk["summary"]
+    assert s["relu_range_shrinks_with_width"] is None
+    assert s["linear_range_shrinks_with_width"] is None
+    assert on_disk["stats"]["xavier"]["1"]["relu_imbalance"]["std"] is None  # one value
+    # widths in any order: the narrowest is compared with the widest
+    json_path, _, _ = run_experiment(
+        "distribution", tmp_path, make_config("distribution", widths=(16, 4), draws=4)
+    )
+    assert _strict_json(json_path)["summary"]["relu_range_shrinks_with_width"] is True
+
+
+def test_rank_correlation_is_none_where_undefined() -> None:
+    assert rank_correlation([1.0, 2.0], [3.0, 4.0]) is None
+    assert rank_correlation([1.0, 2.0, 3.0], [5.0, 5.0, 5.0]) is None
+    assert rank_correlation([1.0, 2.0, 3.0], [1.0, float("nan"), 2.0]) is None
+    assert rank_correlation([1.0, 2.0, 3.0], [3.0, 2.0, 1.0]) == pytest.approx(-1.0)
+
+
+def _forbid_running(monkeypatch: pytest.MonkeyPatch) -> None:
+    from training.landscape import distribution
+
+    def run(cfg: object) -> dict:
+        raise AssertionError("the experiment ran although --out is unusable")
+
+    monkeypatch.setattr(distribution, "run", run)
+
+
+def test_unusable_out_is_a_user_error_before_the_experiment_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _forbid_running(monkeypatch)
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    for out in (afile, afile / "sub", afile / "sub" / "deeper"):
+        with pytest.raises(UserError, match=f"--out {out}"):
+            run_experiment("distribution", out, make_config("distribution", draws=1))
+    assert afile.read_text() == "keep me"
+
+    def unwritable(*args: object, **kwargs: object) -> None:
+        raise PermissionError(13, "Permission denied", str(kwargs.get("dir")))
+
+    monkeypatch.setattr("tempfile.mkstemp", unwritable)
+    new = tmp_path / "new" / "out"
+    with pytest.raises(UserError, match="Permission denied"):
+        run_experiment("distribution", new, make_config("distribution", draws=1))
+    assert not (tmp_path / "new").exists()  # the directories it made for nothing are gone
+
+
+def test_a_failed_run_leaves_no_directory_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _forbid_running(monkeypatch)
+    with pytest.raises(AssertionError, match="ran although"):
+        run_experiment("distribution", tmp_path / "a" / "b", make_config("distribution"))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_out_under_a_file_is_one_line_exit_2(tmp_path: Path) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    proc = subprocess.run(
+        [sys.executable, "-m", "orbit.cli", "landscape", "dynamics", "--out", str(afile / "sub")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "Not a directory" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert proc.stdout == ""  # refused before running: no summary printed
 
 
 def test_make_config_rejects_options_of_other_experiments() -> None:

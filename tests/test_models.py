@@ -41,6 +41,9 @@ def test_normalisation_is_the_first_layer():
     model = build_model(spec)
     x = torch.rand(2, 1, 8, 8)
     assert torch.allclose(model.normalize(x), (x - 0.5) / 0.25)
+    # and the forward pass really goes through it: the model takes raw pixels
+    assert torch.allclose(model(x), model.slot(model.trunk((x - 0.5) / 0.25)))
+    assert not torch.allclose(model(x), model.slot(model.trunk(x)))
 
 
 def test_spec_validation():

@@ -61,7 +61,9 @@ class QMonitor(pl.Callback):
             "q_drift": float((q - self.q_start).norm()) / max(self.drift_scale or 0.0, 1e-300),
         }
         for name, value in values.items():
-            pl_module.log(name, value, on_step=False, on_epoch=True, sync_dist=False)
+            # Every process holds the same weights, so syncing changes nothing but Lightning's
+            # warning on every DDP run.
+            pl_module.log(name, value, on_step=False, on_epoch=True, sync_dist=True)
 
     def state_dict(self) -> dict[str, Any]:
         if self.q_start is None:

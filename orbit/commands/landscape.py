@@ -66,6 +66,8 @@ def _print_summary(result: dict) -> None:
         if isinstance(value, dict):
             for k, v in value.items():
                 walk(f"{prefix}.{k}" if prefix else str(k), v)
+        elif value is None:
+            print(f"{prefix}: null")
         elif isinstance(value, float):
             print(f"{prefix}: {value:.4g}")
         else:

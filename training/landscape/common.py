@@ -7,6 +7,7 @@ The loss is the mean squared error 0.5 * mean_n ||f(x_n) - y_n||^2, as in the pa
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -89,8 +90,9 @@ def gradients(p: Params, problem: Problem) -> tuple[torch.Tensor, Params]:
 class Trajectory:
     steps: list[int]
     loss: list[float]
-    params: Params  # final parameters
+    params: Params  # final parameters (where a diverged run stopped)
     records: list[object]  # whatever `record` returned at each recorded step
+    diverged_at: int | None = None  # the step whose loss was not finite (always recorded)
 
 
 def train(
@@ -104,7 +106,9 @@ def train(
 ) -> Trajectory:
     """Full-batch gradient descent (`gd`) or torch.optim.Adam for `steps` steps from p (copied).
 
-    Records the loss (and `record(params)`) at step 0, every `every` steps and at the end."""
+    Records the loss (and `record(params)`) at step 0, every `every` steps and at the end. A run
+    whose loss stops being finite ends there: that step is recorded (so loss[-1] is inf or nan,
+    never a stale earlier value) and kept in `diverged_at`."""
     p = {k: v.detach().clone() for k, v in p.items()}
     names = problem.trainable(p)
     opt = None
@@ -124,9 +128,13 @@ def train(
 
     for step in range(steps + 1):
         loss, g = gradients(p, problem)
-        if step % every == 0 or step == steps:
+        finite = bool(torch.isfinite(loss))
+        if step % every == 0 or step == steps or not finite:
             snapshot(step, float(loss))
-        if step == steps or not torch.isfinite(loss):
+        if not finite:
+            traj.diverged_at = step
+            break
+        if step == steps:
             break
         if opt is None:
             for k in names:
@@ -138,6 +146,12 @@ def train(
             opt.step()
     traj.params = {k: v.detach().clone() for k, v in p.items()}
     return traj
+
+
+def grad_norm(p: Params, problem: Problem) -> float:
+    """Euclidean norm of the loss gradient over the trainable parameters (0 where stationary)."""
+    _, g = gradients(p, problem)
+    return float(torch.sqrt(sum(t.square().sum() for t in g.values())))
 
 
 def top_hessian_eigenvalue(
@@ -209,10 +223,13 @@ class single_thread:  # noqa: N801  (used as a context manager)
         torch.set_num_threads(self.before)
 
 
-def rank_correlation(a: list[float], b: list[float]) -> float:
-    """Spearman's rho (average ranks for ties); nan for fewer than 3 points or a constant side."""
+def rank_correlation(a: list[float], b: list[float]) -> float | None:
+    """Spearman's rho (average ranks for ties); None where it is undefined: fewer than 3 points,
+    a value that is not a finite number (a diverged run), or a side that is constant."""
     if len(a) != len(b) or len(a) < 3:
-        return float("nan")
+        return None
+    if not all(v is not None and math.isfinite(v) for v in (*a, *b)):
+        return None
 
     def ranks(v: list[float]) -> torch.Tensor:
         t = torch.tensor(v, dtype=DTYPE)
@@ -227,4 +244,28 @@ def rank_correlation(a: list[float], b: list[float]) -> float:
     ra, rb = ranks(a), ranks(b)
     ra, rb = ra - ra.mean(), rb - rb.mean()
     den = float(ra.norm() * rb.norm())
-    return float("nan") if den == 0 else float((ra * rb).sum()) / den
+    return None if den == 0 else float((ra * rb).sum()) / den
+
+
+def finite_max(values: list[float]) -> float | None:
+    """max(values), or None when any is not a finite number (the run diverged): NaN would make
+    Python's max depend on the order, and neither belongs in a summary."""
+    if not values or not all(v is not None and math.isfinite(v) for v in values):
+        return None
+    return max(values)
+
+
+def finite_points(xs: list, ys: list) -> tuple[list, list]:
+    """The (x, y) pairs whose y is a finite number: what a plot of a diverged run can show."""
+    kept = [(x, y) for x, y in zip(xs, ys, strict=True) if y is not None and math.isfinite(y)]
+    return [x for x, _ in kept], [y for _, y in kept]
+
+
+def above(value: float | None, limit: float) -> bool | None:
+    """value > limit, or None when value is undefined (None): such a value decides nothing."""
+    return None if value is None else bool(value > limit)
+
+
+def below(value: float | None, limit: float) -> bool | None:
+    """value < limit, None when value is undefined (None)."""
+    return None if value is None else bool(value < limit)

@@ -15,7 +15,9 @@ import torch
 
 from symmetry.conserved import q_mean
 from training.landscape.common import (
+    below,
     conserved,
+    finite_points,
     rank_correlation,
     teacher_problem,
     train,
@@ -54,7 +56,8 @@ def run(cfg: ConvergenceConfig) -> dict:
     results: dict[str, dict] = {}
     summary: dict[str, object] = {
         "paper_claim": "larger |Q| at initialisation changes (speeds up) convergence",
-        "measure": "steps to reach 1% of the initial loss; rho = Spearman(|Q|, steps)",
+        "measure": "steps to reach 1% of the initial loss; rho = Spearman(|Q|, steps); a run that"
+        " never reaches it (or diverges) ranks last; null: undefined (e.g. every run tied)",
     }
     for activation in cfg.activations:
         h = cfg.hidden.get(activation, 16)
@@ -72,13 +75,15 @@ def run(cfg: ConvergenceConfig) -> dict:
                     "q_mean_start": q_mean(conserved(p, problem)),
                     "q_mean_end": q_mean(conserved(traj.params, problem)),
                     "loss_start": traj.loss[0],
-                    "loss_end": traj.loss[-1],
+                    "loss_end": traj.loss[-1],  # inf / nan (null in the JSON) if it diverged
+                    "diverged_at_step": traj.diverged_at,
                     **{f"steps_to_{f:g}": steps_to(traj.steps, traj.loss, f) for f in FRACTIONS},
                     "series": {"step": traj.steps, "loss": traj.loss},
                 }
             )
         moved = [r for r in runs if r["target_q"] is not None]
-        never = cfg.steps + cfg.every  # "not reached" ranks after every reached value
+        # "not reached" (within the steps, or before diverging) ranks after every reached value
+        never = cfg.steps + cfg.every
         speed = [r["steps_to_0.01"] if r["steps_to_0.01"] is not None else never for r in moved]
         rho = rank_correlation([abs(r["target_q"]) for r in moved], speed)
         results[activation] = {"hidden": h, "runs": runs}
@@ -86,9 +91,14 @@ def run(cfg: ConvergenceConfig) -> dict:
             "rho_abs_q_vs_steps_to_1pct": rho,
             "steps_to_1pct": {f"{r['target_q']:g}": r["steps_to_0.01"] for r in moved},
             "loss_end": {f"{r['target_q']:g}": r["loss_end"] for r in moved},
+            "diverged_at_step": {
+                f"{r['target_q']:g}": r["diverged_at_step"]
+                for r in moved
+                if r["diverged_at_step"] is not None
+            },
             "start_loss_spread": max(r["loss_start"] for r in runs)
             - min(r["loss_start"] for r in runs),
-            "faster_with_larger_abs_q": bool(rho < -0.5),
+            "faster_with_larger_abs_q": below(rho, -0.5),  # None when rho is undefined
         }
     return {
         "experiment": "convergence",
@@ -106,12 +116,18 @@ def plot(result: dict, fig) -> None:  # noqa: ANN001
         for r in result["activations"][name]["runs"]:
             t = r["target_q"]
             label = f"Xavier (mean Q {r['q_mean_start']:.2f})" if t is None else f"Q = {t:g}"
+            if r["diverged_at_step"] is not None:
+                label += f" (diverged at step {r['diverged_at_step']})"
             style = "k--" if t is None else "-"
-            ax.plot(r["series"]["step"], r["series"]["loss"], style, label=label)
+            steps, losses = finite_points(r["series"]["step"], r["series"]["loss"])
+            ax.plot(steps, losses, style, label=label)
         ax.set(
             yscale="log",
             xlabel="GD step",
             ylabel="loss (MSE)",
             title=f"{name}: loss for each initial Q (same start function)",
         )
+        lo, hi = ax.get_ylim()
+        if lo > 0 and hi <= lo * (1 + 1e-9):  # one loss value (every run diverged at once)
+            ax.set_ylim(lo / 2, hi * 2)
         ax.legend(fontsize=7)

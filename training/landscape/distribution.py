@@ -44,13 +44,14 @@ def _draw(width: int, init: str, gen: torch.Generator) -> tuple[torch.Tensor, ..
 
 
 def _stats(values: torch.Tensor, width: int) -> dict:
+    """Summary statistics; the (sample) standard deviation is None for a single value."""
     q = torch.quantile(values, torch.tensor([0.01, 0.5, 0.99], dtype=values.dtype))
-    std = float(values.std())
+    std = float(values.std()) if values.numel() > 1 else None
     return {
         "count": int(values.numel()),
         "mean": float(values.mean()),
         "std": std,
-        "std_times_sqrt_width": std * math.sqrt(width),
+        "std_times_sqrt_width": None if std is None else std * math.sqrt(width),
         "p01": float(q[0]),
         "median": float(q[1]),
         "p99": float(q[2]),
@@ -81,7 +82,15 @@ def run(cfg: DistributionConfig) -> dict:
             if init == "xavier":
                 samples[init][str(width)] = {"relu": pn.tolist(), "linear": ev.tolist()}
     xav = out["xavier"]
-    first, last = str(cfg.widths[0]), str(cfg.widths[-1])
+    # Narrowest against widest width (in whatever order they were given); with a single width
+    # there is nothing to compare, so the answer is None, not False.
+    first, last = str(min(cfg.widths)), str(max(cfg.widths))
+
+    def shrinks(key: str) -> bool | None:
+        if first == last:
+            return None
+        return bool(xav[last][key]["range_98"] < xav[first][key]["range_98"])
+
     summary = {
         "paper_claim": "Xavier initialisation concentrates Q in a narrow range of the minimum,"
         " whose Q ranges over all real values",
@@ -89,10 +98,8 @@ def run(cfg: DistributionConfig) -> dict:
         " (subject to the rank conditions of symmetry.flat_minimum)",
         "xavier_relu_range_98": {w: xav[w]["relu_imbalance"]["range_98"] for w in xav},
         "xavier_linear_eig_range_98": {w: xav[w]["linear_eigenvalues"]["range_98"] for w in xav},
-        "relu_range_shrinks_with_width": xav[last]["relu_imbalance"]["range_98"]
-        < xav[first]["relu_imbalance"]["range_98"],
-        "linear_range_shrinks_with_width": xav[last]["linear_eigenvalues"]["range_98"]
-        < xav[first]["linear_eigenvalues"]["range_98"],
+        "relu_range_shrinks_with_width": shrinks("relu_imbalance"),
+        "linear_range_shrinks_with_width": shrinks("linear_eigenvalues"),
     }
     return {
         "experiment": "distribution",

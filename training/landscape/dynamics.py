@@ -18,7 +18,10 @@ from training.landscape.common import (
     DTYPE,
     Params,
     Problem,
+    above,
     conserved,
+    finite_max,
+    finite_points,
     flat,
     gradients,
     train,
@@ -61,8 +64,9 @@ def _q_run(
         "optimizer": optimizer,
         "lr": lr,
         "steps": steps,
+        "diverged_at_step": traj.diverged_at,
         "relative_drift_final": drift[-1],
-        "relative_drift_max": max(drift),
+        "relative_drift_max": finite_max(drift),
         "loss_start": traj.loss[0],
         "loss_end": traj.loss[-1],
         "parameter_displacement": moved,
@@ -101,7 +105,8 @@ def run(cfg: DynamicsConfig) -> dict:
             contrast = Problem(x, y, "tanh")
             entry.update(
                 quantity="||J1 + J2|| / (||J1|| + ||J2||) (angular momentum cancellation)",
-                cancellation_max=max(traj.records),
+                diverged_at_step=traj.diverged_at,
+                cancellation_max=finite_max(traj.records),
                 tanh_contrast=_cancellation(p0, contrast),
                 loss_start=traj.loss[0],
                 loss_end=traj.loss[-1],
@@ -116,24 +121,42 @@ def run(cfg: DynamicsConfig) -> dict:
             # O(lr^2)-per-step discretisation error of an exactly conserved flow.
             coarse = _q_run(p0, problem, cfg, "gd", cfg.lr * 10, max(1, cfg.steps // 10))
             entry["gd_10x_step_same_time"] = {
-                k: coarse[k] for k in ("lr", "steps", "relative_drift_final", "loss_end")
+                k: coarse[k]
+                for k in ("lr", "steps", "diverged_at_step", "relative_drift_final", "loss_end")
             }
         results[activation] = entry
     q_acts = [a for a in cfg.activations if a != "radial"]
+    # A diverged run has no drift to report (None): it neither confirms nor refutes the claim.
     gd_drift = {a: results[a]["gd"]["relative_drift_max"] for a in q_acts}
     adam_drift = {a: results[a]["adam"]["relative_drift_max"] for a in q_acts}
+    diverged = {
+        f"{a} {opt}": results[a][opt]["diverged_at_step"]
+        for a in q_acts
+        for opt in ("gd", "adam")
+        if results[a][opt]["diverged_at_step"] is not None
+    }
+    if "radial" in results and results["radial"]["diverged_at_step"] is not None:
+        diverged["radial gd"] = results["radial"]["diverged_at_step"]
+    defined = bool(q_acts) and all(
+        gd_drift[a] is not None and adam_drift[a] is not None for a in q_acts
+    )
     summary = {
         "gd_relative_drift_max": gd_drift,
         "adam_relative_drift_max": adam_drift,
-        "gd_within_1e-3": all(v <= DRIFT_LIMIT for v in gd_drift.values()),
+        "diverged_at_step": diverged,
+        "gd_within_1e-3": all(v <= DRIFT_LIMIT for v in gd_drift.values()) if defined else None,
         "adam_over_gd_min_ratio": min(adam_drift[a] / max(gd_drift[a], 1e-300) for a in q_acts)
-        if q_acts
+        if defined
         else None,
         "paper_claim": "Q is conserved by gradient descent with small steps and drifts under Adam",
+        "null": "a drift that is not a finite number (a diverged run, or Q overflowed), and the"
+        " verdicts that depend on it",
     }
     if q_acts:
-        summary["agrees_with_paper"] = bool(
-            summary["gd_within_1e-3"] and summary["adam_over_gd_min_ratio"] > 10
+        summary["agrees_with_paper"] = (
+            bool(summary["gd_within_1e-3"] and above(summary["adam_over_gd_min_ratio"], 10))
+            if defined
+            else None
         )
     return {
         "experiment": "dynamics",
@@ -151,24 +174,27 @@ def plot(result: dict, fig) -> None:  # noqa: ANN001
         if "gd" not in entry:
             s = entry["series"]
             ax_q.plot(
-                s["step"][1:],
-                [max(v, 1e-17) for v in s["cancellation"][1:]],
+                *finite_points(s["step"][1:], [max(v, 1e-17) for v in s["cancellation"][1:]]),
                 ":",
                 color=color,
                 label=f"{name}: |J1+J2| ratio (GD)",
             )
-            ax_l.plot(s["step"], s["loss"], ":", color=color, label=f"{name} GD")
+            ax_l.plot(*finite_points(s["step"], s["loss"]), ":", color=color, label=f"{name} GD")
             continue
         for opt, style in (("gd", "-"), ("adam", "--")):
             s = entry[opt]["series"]
             ax_q.plot(
-                s["step"][1:],
-                [max(v, 1e-17) for v in s["drift"][1:]],
+                *finite_points(s["step"][1:], [max(v, 1e-17) for v in s["drift"][1:]]),
                 style,
                 color=color,
                 label=f"{name} {opt.upper()}",
             )
-            ax_l.plot(s["step"], s["loss"], style, color=color, label=f"{name} {opt.upper()}")
+            ax_l.plot(
+                *finite_points(s["step"], s["loss"]),
+                style,
+                color=color,
+                label=f"{name} {opt.upper()}",
+            )
     ax_q.axhline(DRIFT_LIMIT, color="k", lw=0.8, label="1e-3")
     ax_q.set(
         yscale="log",
