@@ -224,6 +224,12 @@ class Outputs:
     members: int = 0
 
 
+def _no_outputs() -> Outputs:
+    """Outputs for an empty batch (every tensor of length 0)."""
+    empty = torch.zeros(0, dtype=torch.long)
+    return Outputs(empty, empty, torch.zeros(0), 1)
+
+
 @torch.no_grad()
 def model_outputs(module: nn.Module, x: torch.Tensor) -> Outputs:
     if isinstance(module, FusedEnsemble):
@@ -311,6 +317,10 @@ class SweepModule(pl.LightningModule):
         job = self.job
         assert job is not None
         if len(y) == 0:
+            # A process left without a batch still adds (empty) entries to every cell, so that
+            # its list states take part in the gather like every other process's.
+            for metric in self.cells.values():
+                metric.update(index, y, _no_outputs(), _no_outputs(), 0)
             return
         number = int(index[0]) // job.batch_size  # the batch's global number
         clean = {name: model_outputs(self.nets[name], x) for name in self.names}

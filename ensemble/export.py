@@ -119,15 +119,26 @@ def weights_sha256(model: Any) -> str:
     return h.hexdigest()
 
 
-@torch.no_grad()
-def calibrate_mutual_info(ensemble: FusedEnsemble, x_val: torch.Tensor, fpr: float) -> float:
-    """Threshold above which mutual_info flags an input: at most `fpr` of clean held-out inputs
-    lie above it (the (1 - fpr) quantile of their mutual information, taken upward)."""
+def calibrate_mutual_info(session: Any, x_val: torch.Tensor, fpr: float) -> float:
+    """Threshold above which mutual_info flags an input: at most `fpr` of the clean held-out
+    inputs lie above it, and no lower threshold keeps that promise on them.
+
+    Calibrated on the mutual_info the exported graph itself computes (onnxruntime `session`), the
+    numbers the server compares, not on PyTorch's, which differ from them in the last bits. The
+    threshold sits halfway between the last clean value it lets through and the first it flags,
+    so those last-bit differences (batch size, thread count) cannot move a calibration input
+    across it."""
     if len(x_val) == 0:
         raise UserError("cannot calibrate the mutual_info threshold: the validation split is empty")
-    head = ExportHead(ensemble).eval()
-    mi = torch.cat([head(c)[3] for c in x_val.split(512)]).to(torch.float64)
-    return float(torch.quantile(mi, 1.0 - fpr, interpolation="higher"))
+    mi = np.concatenate(
+        [session.run(["mutual_info"], {INPUT: c.numpy()})[0] for c in x_val.split(512)]
+    )
+    s = np.sort(mi.astype(np.float64))
+    allowed = int(np.floor(fpr * len(s) + 1e-9))  # inputs that may lie above the threshold
+    j = len(s) - 1 - allowed  # the largest value that must not be flagged
+    if allowed == 0:
+        return float(s[-1])
+    return float(np.float32((s[j] + s[j + 1]) / 2))
 
 
 @dataclass
@@ -192,7 +203,10 @@ def export_onnx(
     head = ExportHead(ensemble).eval()
     shape = [int(s) for s in input_shape]
     model = _to_onnx(head, torch.rand(2, *shape))
-    threshold = calibrate_mutual_info(ensemble, x_val, MI_FALSE_POSITIVE_RATE)
+    onnx.checker.check_model(model, full_check=True)
+    # Metadata does not change what the graph computes: this session is the file's.
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    threshold = calibrate_mutual_info(session, x_val, MI_FALSE_POSITIVE_RATE)
     metadata = {
         "orbit.format": FORMAT,
         "orbit.class_names": json.dumps(list(class_names)),
@@ -214,7 +228,6 @@ def export_onnx(
     model.producer_name, model.producer_version = "orbit", __version__
     onnx.checker.check_model(model, full_check=True)
     data = model.SerializeToString()
-    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
     gaps = parity(session, ensemble, x_check)
     worst = max(gaps.values())
     if not worst <= PARITY_TOLERANCE:
@@ -302,7 +315,7 @@ def write_triton_repository(
     max_batch_size: int,
 ) -> Path:
     """REPOSITORY/NAME/{config.pbtxt, 1/model.onnx}; replaces only that model's folder."""
-    _check_name(name)
+    check_name(name)
     if max_batch_size <= 0:
         raise UserError(f"--max-batch must be positive, got {max_batch_size}")
     target = Path(repository) / name
@@ -315,7 +328,7 @@ def write_triton_repository(
     return target
 
 
-def _check_name(name: str) -> None:
+def check_name(name: str) -> None:
     import re
 
     if not re.fullmatch(r"[a-z]([-a-z0-9]{0,40}[a-z0-9])?", name):
@@ -323,6 +336,9 @@ def _check_name(name: str) -> None:
             f"model name {name!r} must be 1-42 lowercase letters, digits or '-', starting with a"
             " letter (a Kubernetes and Triton friendly name)"
         )
+
+
+_CPU_LIMIT = 2  # the pod's CPU limit, and onnxruntime's thread count inside it
 
 
 def kserve_manifest(
@@ -339,14 +355,15 @@ def kserve_manifest(
     KServe's storage initializer copies STORAGE_URI's content to /mnt/models, where the image's
     `orbit serve` finds model.onnx; it answers the Open Inference (V2) protocol on port 8080.
     """
-    _check_name(service)
-    _check_name(model_name)
+    check_name(service)
+    check_name(model_name)
 
     def q(text: str) -> str:
         return json.dumps(text)  # a JSON string is a valid YAML double-quoted scalar
 
     args = ["/mnt/models/model.onnx", "--host", "0.0.0.0", "--port", "8080",
-            "--name", model_name, "--max-batch", str(int(max_batch))]  # fmt: skip
+            "--name", model_name, "--max-batch", str(int(max_batch)),
+            "--threads", str(_CPU_LIMIT)]  # fmt: skip
     lines = [
         "# KServe InferenceService for an orbit ensemble (written by `orbit export --kserve`).",
         "# Copy export/model.onnx to STORAGE_URI; apply with `kubectl apply -f THIS_FILE`.",

@@ -13,7 +13,7 @@ _argv = sys.argv
 sys.argv = _argv[:1]
 try:
     from kserve import Model, ModelServer
-    from kserve.errors import InvalidInput
+    from kserve.errors import InvalidInput, ModelNotFound
     from kserve.protocol.dataplane import DataPlane
     from kserve.protocol.infer_type import (
         InferInput,
@@ -34,6 +34,7 @@ __all__ = [
     "InferResponse",
     "InvalidInput",
     "Model",
+    "ModelNotFound",
     "ModelServer",
     "RequestedOutput",
     "to_np_dtype",

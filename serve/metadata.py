@@ -126,6 +126,11 @@ def _check_graph(session: ort.InferenceSession, info_shape: tuple[int, ...], pat
     dims = _v2_dims(list(pix.shape))
     if pix.type != "tensor(float)" or len(dims) != 4:
         raise UserError(f"{path}: input '{INPUT}' must be float32 [batch, C, H, W], got {pix.type}")
+    if dims[0] != -1:
+        raise UserError(
+            f"{path}: input '{INPUT}' has a fixed batch size {dims[0]}; orbit serves graphs with"
+            " a dynamic batch dimension (re-export it with `orbit export`)"
+        )
     for got, want in zip(dims[1:], info_shape, strict=True):
         if got not in (-1, want):
             raise UserError(
@@ -139,6 +144,12 @@ def _check_graph(session: ort.InferenceSession, info_shape: tuple[int, ...], pat
         got = _ORT_TO_V2.get(outs[name].type, outs[name].type)
         if got != v2:
             raise UserError(f"{path}: output '{name}' is {got}, the contract says {v2}")
+        rank = 2 if name == "probs" else 1
+        if len(outs[name].shape) != rank:
+            want = "[batch, classes]" if rank == 2 else "[batch]"
+            raise UserError(
+                f"{path}: output '{name}' has shape {outs[name].shape}, the contract says {want}"
+            )
 
 
 def load(

@@ -14,19 +14,29 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnxruntime as ort
 
+from orbit.errors import UserError
 from serve import metadata
-from serve._kserve import InferOutput, InferRequest, InferResponse, InvalidInput, Model
+from serve._kserve import (
+    InferOutput,
+    InferRequest,
+    InferResponse,
+    InvalidInput,
+    Model,
+    ModelNotFound,
+)
 from serve.validation import RequestError, check_requested_outputs, pixels_from_request
 
 
 class RefusalsAsOneLine(logging.Filter):
-    """kserve logs every refused request (InvalidInput) at ERROR with two chained tracebacks, so
-    any client could flood the log; a refusal is the client's mistake: one WARNING line."""
+    """kserve logs every refused request (InvalidInput, ModelNotFound) at ERROR with chained
+    tracebacks, so any client could flood the log; a refusal is the client's mistake: one
+    WARNING line."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, InvalidInput):
+        if isinstance(exc, InvalidInput | ModelNotFound):
             record.levelno, record.levelname = logging.WARNING, "WARNING"
             record.msg, record.args = "refused a request: %s", (str(exc),)
             record.exc_info, record.exc_text = None, None
@@ -62,8 +72,26 @@ class OrbitOnnxModel(Model):
         """Open and check the file (UserError if it is unusable), warm up, then become ready."""
         session, info = self._opened or metadata.load(self.path, self.intra_op_threads)
         self._opened = None
-        warm = np.full((1, *info.input_shape), 0.5 * sum(info.value_range), dtype=np.float32)
-        session.run(list(metadata.OUTPUTS), {metadata.INPUT: warm})
+        # Batches of 1 and 2: a graph that cannot run (or only at one batch size) fails here,
+        # as one line at start-up, not as a 500 on the first request.
+        quiet = ort.RunOptions()
+        quiet.log_severity_level = 4  # a failure is reported once, by us, as one line
+        for batch in (1, 2):
+            mid = 0.5 * sum(info.value_range)
+            warm = np.full((batch, *info.input_shape), mid, dtype=np.float32)
+            try:
+                got = session.run(list(metadata.OUTPUTS), {metadata.INPUT: warm}, quiet)
+            except Exception as e:  # onnxruntime raises its own InvalidArgument/Fail/... types
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise UserError(
+                    f"{self.path}: the graph fails on a warm-up batch of {batch} ({first});"
+                    " re-export it with `orbit export`"
+                ) from None
+            if any(v.shape[0] != batch for v in got):
+                raise UserError(
+                    f"{self.path}: the graph's outputs do not have one row per input at batch"
+                    f" {batch}; re-export it with `orbit export`"
+                )
         self.session, self.info = session, info
         self.ready = True
         return self.ready

@@ -50,6 +50,8 @@ def _check_config(cfg: ServeConfig) -> None:
         raise UserError(f"--max-batch {cfg.max_batch} must be at least 1")
     if cfg.max_body_bytes is not None and cfg.max_body_bytes < 1024:
         raise UserError(f"--max-body-bytes {cfg.max_body_bytes} is too small; allow >= 1024")
+    if cfg.intra_op_threads < 0:
+        raise UserError(f"--threads {cfg.intra_op_threads} must be >= 0 (0: onnxruntime's default)")
     if not cfg.name or "/" in cfg.name:
         raise UserError(f"--name {cfg.name!r} must be a non-empty name without '/'")
 

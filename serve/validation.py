@@ -285,8 +285,8 @@ def pixels_from_request(
     amin, amax = float(arr.min()), float(arr.max())
     if amin < lo or amax > hi:
         raise RequestError(
-            f"input '{input_name}' has values in [{amin:g}, {amax:g}], outside [{lo:g}, {hi:g}];"
-            " send raw pixels scaled to that range"
+            f"input '{input_name}' has values in [{amin:.9g}, {amax:.9g}], outside"
+            f" [{lo:g}, {hi:g}]; send raw pixels scaled to that range"
         )
     return np.ascontiguousarray(arr.reshape(shape), dtype=np.float32)
 

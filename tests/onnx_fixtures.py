@@ -59,10 +59,12 @@ def build_model(
     metadata: dict[str, str] | None = None,
     input_name: str = "pixels",
     weight_scale: float = 0.6,
+    input_dims: list[int | str] | None = None,
 ) -> onnx.ModelProto:
     """An ensemble of `members` linear softmax classifiers as one graph with the orbit contract.
 
-    `metadata` replaces the default metadata_props entirely (pass {} for a non-orbit file).
+    `metadata` replaces the default metadata_props entirely (pass {} for a non-orbit file);
+    `input_dims` replaces the declared input shape ["batch", C, H, W] (to break the contract).
     """
     rng = np.random.default_rng(seed)
     d = channels * height * width
@@ -110,7 +112,7 @@ def build_model(
         "orbit_fixture",
         [
             helper.make_tensor_value_info(
-                input_name, TensorProto.FLOAT, ["batch", channels, height, width]
+                input_name, TensorProto.FLOAT, input_dims or ["batch", channels, height, width]
             )
         ],
         [

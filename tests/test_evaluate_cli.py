@@ -82,6 +82,21 @@ def test_two_ddp_processes_give_exactly_the_single_process_numbers(run_dir, sing
     assert _numbers(ddp) == _numbers(single)
 
 
+def test_a_process_left_without_a_batch_still_gives_the_single_process_numbers(run_dir):
+    # 10 inputs in batches of 16: one batch, so the second process has nothing to attack.
+    small = ["--samples", "10", "--batch-size", "16", "--attacks", "fgsm", "--eps", "0,0.1",
+             "--no-progress"]  # fmt: skip
+    one, two = run_dir / "report-small-1", run_dir / "report-small-2"
+    result = CliRunner().invoke(app, ["evaluate", "--run", str(run_dir), *small, "--out", str(one)])
+    assert result.exit_code == 0, result.output
+    proc = orbit("evaluate", "--run", str(run_dir), *small, "--out", str(two),
+                 "--devices", "2", "--strategy", "ddp", "--accelerator", "cpu")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ddp = json.loads((two / "report.json").read_text())
+    assert ddp["environment"]["world_size"] == 2
+    assert _numbers(ddp) == _numbers(json.loads((one / "report.json").read_text()))
+
+
 def test_bad_input_is_one_line_and_exit_code_2(run_dir):
     proc = orbit("evaluate", "--run", str(run_dir), "--attacks", "fgsm,deepfool")
     assert proc.returncode == 2

@@ -40,6 +40,9 @@ def register(app: typer.Typer) -> None:
             raise UserError(f"unknown --method {method!r}; choose one of: {choices}")
         if max_batch <= 0:
             raise UserError(f"--max-batch must be positive, got {max_batch}")
+        from ensemble.export import check_name
+
+        check_name(name)  # before any work: it names the Triton folder and the V2 URL
         from orbit import __version__
 
         layout = RunLayout.of(run)

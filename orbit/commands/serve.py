@@ -26,6 +26,11 @@ def register(app: typer.Typer) -> None:
             0, help="Largest request body in bytes (0: enough for --max-batch images as JSON)."
         ),
         name: str = typer.Option("orbit", help="Model name in the URL: /v2/models/NAME/infer."),
+        threads: int = typer.Option(
+            0,
+            help="onnxruntime threads per worker (0: one per core of the machine; set it to the"
+            " container's CPU limit).",
+        ),
     ) -> None:
         from serve.server import ServeConfig, run
 
@@ -38,5 +43,6 @@ def register(app: typer.Typer) -> None:
                 max_batch=max_batch,
                 max_body_bytes=max_body_bytes or None,
                 name=name,
+                intra_op_threads=threads,
             )
         )
