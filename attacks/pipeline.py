@@ -165,8 +165,9 @@ def evaluate(
     report.environment["world_size"] = sweep.world_size
     independent = {m.name: (clean_accuracy(m.module, x, y), len(y)) for m in models}
     checks = run_checks(
-        report.rows, [m.name for m in models], independent, reference_clean, config.options, ran
-    )
+        report.rows, [m.name for m in models], independent, reference_clean, config.options, ran,
+        models_meta=report.models,
+    )  # fmt: skip
     report.sanity = [c.to_json() for c in checks]
     report.status = "complete"
     report.seconds = round(time.perf_counter() - started, 2)

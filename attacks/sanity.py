@@ -14,7 +14,7 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from attacks.catalog import ATTACKS, AttackOptions
+from attacks.catalog import ATTACKS, AUTOATTACK_ITERATIONS, AttackOptions
 from attacks.stats import decode_mask, sign_test
 from attacks.threats import UNBOUNDED_EPS, UNBOUNDED_STEPS
 
@@ -96,13 +96,19 @@ def run_checks(
     reference_clean: dict[str, tuple[int, int]] | None = None,
     options: AttackOptions | None = None,
     attacks: list[str] | None = None,
+    models_meta: dict[str, dict[str, Any]] | None = None,
 ) -> list[Check]:
     """All checks for every model. `independent_clean[model]` = (correct, n) from a plain loop;
     `reference_clean[model]` = (correct, n) recorded at training time over the same inputs;
-    `options`/`attacks`, when given, are checked for settings that cannot reach the budget."""
+    `options`/`attacks`, when given, are checked for settings that cannot reach the budget or
+    are weaker than the reference attack; `models_meta` (the report's models) for a random
+    baseline matched to another symmetry ensemble than the one evaluated."""
     checks: list[Check] = []
     if options is not None and attacks:
         checks.append(_reach(options, attacks))
+        checks.append(_iterations(options, attacks))
+    if models_meta is not None:
+        checks.append(_matched(models_meta))
     base = models[0]
     for m in models:
         mine = [r for r in rows if r["model"] == m and r["n"] > 0]
@@ -132,6 +138,51 @@ def _reach(options: AttackOptions, attacks: list[str]) -> Check:
             f" {travel:g} eps < 1; raise --steps or --step-size for a real upper bound", numbers,
         )  # fmt: skip
     return Check(name, "(config)", PASSED, f"steps x step size = {travel:g} eps", numbers)
+
+
+def _iterations(options: AttackOptions, attacks: list[str]) -> Check:
+    """APGD and AutoAttack are defined with 100 iterations (Croce & Hein 2020); a --steps that
+    cuts them makes them weaker than the attack their name promises."""
+    name = "apgd / autoattack at the reference iterations"
+    ours = [a for a in attacks if a in ("apgd-ce", "apgd-dlr", "autoattack")]
+    if not ours:
+        return Check(name, "(config)", SKIPPED, "no apgd or autoattack")
+    steps = {a: options.steps_for(a) for a in ours}
+    short = {a: s for a, s in steps.items() if s is not None and s < AUTOATTACK_ITERATIONS}
+    if short:
+        listed = ", ".join(f"{a} {s}" for a, s in short.items())
+        return Check(
+            name, "(config)", WARNING,
+            f"{listed} iterations < the reference {AUTOATTACK_ITERATIONS}: weaker than the"
+            " published attack, so its accuracies overstate robustness", {"steps": steps},
+        )  # fmt: skip
+    return Check(name, "(config)", PASSED, f"{AUTOATTACK_ITERATIONS} iterations", {"steps": steps})
+
+
+MATCHED_SETTINGS = ("members", "eps", "anchors", "algebra", "seed")
+
+
+def _matched(meta: dict[str, dict[str, Any]]) -> Check:
+    """The random baseline is only a control for the symmetry ensemble it was matched to (same
+    settings, member by member the same parameter distance)."""
+    name = "random baseline matched to the symmetry ensemble"
+    sym, rand = meta.get("symmetry"), meta.get("random")
+    if sym is None or rand is None:
+        return Check(name, "(config)", SKIPPED, "needs both a symmetry and a random ensemble")
+    matched = rand.get("matched_to") or {}
+    differ = {
+        k: (matched.get(k), sym.get(k))
+        for k in MATCHED_SETTINGS
+        if matched.get(k, sym.get(k)) != sym.get(k)
+    }
+    if differ:
+        listed = ", ".join(f"{k} {a} vs {b}" for k, (a, b) in differ.items())
+        return Check(
+            name, "(config)", WARNING,
+            f"random was matched to other symmetry settings than the evaluated ensemble"
+            f" ({listed}); rebuild it: orbit build --method random --overwrite", differ,
+        )  # fmt: skip
+    return Check(name, "(config)", PASSED, "same settings, matched parameter distances")
 
 
 def _clean(m, rows, independent, reference) -> Check:  # noqa: ANN001

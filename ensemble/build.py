@@ -212,6 +212,7 @@ def _orbit(
     distance = perturbed_distance(ensemble, base.model)
     info["matched_to"] = {
         "method": "symmetry",
+        **{key: info[key] for key in ("members", "eps", "anchors", "algebra", "seed")},
         "mean_parameter_distance": float(sym.distance.mean()),
         "note": "member n is a Gaussian direction scaled to symmetry member n's distance",
     }

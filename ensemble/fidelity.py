@@ -15,6 +15,7 @@ from torch import nn
 
 from ensemble.base import FusedEnsemble, summarize
 from training.datasets import DatasetSplits, Split
+from training.models import find_slot
 
 FORMAT = "orbit.fidelity/1"
 BATCH = 512
@@ -33,9 +34,16 @@ def _finite_or_none(x: float) -> float | None:
 def anchor_errors(
     ensemble: FusedEnsemble, base: nn.Module, x: torch.Tensor, anchors: torch.Tensor
 ) -> torch.Tensor:
-    """Per member max |member logits - base logits| on that member's own anchors [N, k]."""
+    """Per member max |member logits - base logits| on that member's own anchors [N, k].
+
+    A symmetry ensemble on the base's own trunk is measured by the very computation its build
+    redrew members by (ensemble.symmetry.fused_anchor_errors), so the two never disagree."""
     n = anchors.shape[0]
     uniq, inverse = torch.unique(anchors, return_inverse=True)
+    from ensemble.symmetry import SymmetryEnsemble, fused_anchor_errors, slot_inputs
+
+    if isinstance(ensemble, SymmetryEnsemble) and _shares_trunk(ensemble, base):
+        return fused_anchor_errors(ensemble, find_slot(base), slot_inputs(base, x[uniq]), inverse)
     xa = x[uniq]
     base_logits = torch.cat([base(c) for c in xa.split(BATCH)])  # [U, C]
     member_logits = torch.cat([ensemble.member_logits(c) for c in xa.split(BATCH)], dim=1)

@@ -143,21 +143,19 @@ def slot_inputs(model: OrbitClassifier, x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def float32_anchor_error(
-    act: nn.Module,
-    h: torch.Tensor,
-    base_logits: torch.Tensor,
-    g: torch.Tensor,
-    u: torch.Tensor,
-    b2: torch.Tensor,
+def fused_anchor_errors(
+    ensemble: SymmetryEnsemble, slot: nn.Module, z: torch.Tensor, inverse: torch.Tensor
 ) -> torch.Tensor:
-    """Per member max |member - base| logits on its anchors, in float32 as the fused module runs.
+    """Per member max |member - base| logits on its own anchors, in float32, computed exactly
+    as the fused module computes them (the same function certifies the build in fidelity.json).
 
-    h [N, k, h] = fc1 of each member's anchors (float32), base_logits [N, k, C].
+    z [U, d]: the slot inputs of the unique anchors; inverse [N, k]: member n's anchors in z.
     """
-    a = act(torch.matmul(h, g.to(torch.float32).transpose(-1, -2)))
-    logits = torch.matmul(a, u.to(torch.float32)) + b2
-    return (logits - base_logits).abs().amax(dim=(1, 2)).to(torch.float64)
+    chunks = z.split(FEATURE_CHUNK)
+    base = torch.cat([slot(c) for c in chunks])  # [U, C]
+    members = torch.cat([ensemble.member_logits_from_features(c) for c in chunks], dim=1)
+    rows = members[torch.arange(inverse.shape[0]).unsqueeze(1), inverse]  # [N, k, C]
+    return (rows - base[inverse]).abs().amax(dim=(1, 2)).to(torch.float64)
 
 
 def head_distance(
@@ -218,11 +216,6 @@ def build_symmetry(
     b1 = slot.fc1.bias.detach().to(torch.float64)
     w2 = slot.fc2.weight.detach().to(torch.float64)
     h0 = (z @ w1.T + b1)[inverse]  # [N, k, h]
-    with torch.no_grad():  # the same anchors in float32, as the fused module will see them
-        h32 = slot.fc1(z32)
-        base32 = slot.fc2(slot.act(h32))[inverse]
-        h32 = h32[inverse]
-    b2 = slot.fc2.bias.detach()
 
     g = torch.empty(members, h, h, dtype=torch.float64)
     u = torch.empty(members, h, slot.fc2.out_features, dtype=torch.float64)
@@ -250,9 +243,9 @@ def build_symmetry(
             used = solve.condition if exact else solve.kept_condition
             condition[pending], residual[pending] = used, solve.residual
             rank[pending], dead[pending] = solve.rank, solve.dead_units
-            error[pending] = float32_anchor_error(
-                slot.act, h32[pending], base32[pending], gp, up, b2
-            )
+            # Every member as the fused module will run it (float32, all N at once).
+            trial = SymmetryEnsemble(base, g, u)
+            error[pending] = fused_anchor_errors(trial, slot, z32, inverse)[pending]
             bad = ~torch.isfinite(used) | (used > max_condition)
             if exact:
                 bad |= error[pending] > ANCHOR_TOLERANCE

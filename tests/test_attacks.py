@@ -341,3 +341,30 @@ def test_a_pgd_too_short_to_reach_the_budget_is_flagged():
         rows, ["base"], {"base": (190, 200)}, options=AttackOptions(), attacks=["fgsm", "pgd"]
     )
     assert [c.status for c in default if c.check == "pgd can reach the budget"] == ["passed"]
+
+
+def test_apgd_and_autoattack_cut_below_100_iterations_are_flagged():
+    rows = [_row("base", None, "clean", 0.0, range(190), role="clean")]
+
+    def status(options: AttackOptions) -> str:
+        checks = run_checks(rows, ["base"], {"base": (190, 200)}, options=options,
+                            attacks=["apgd-ce", "autoattack"])  # fmt: skip
+        (c,) = [c for c in checks if c.check == "apgd / autoattack at the reference iterations"]
+        return c.status
+
+    assert status(AttackOptions()) == "passed"
+    assert status(AttackOptions(steps=20)) == "warning"
+
+
+def test_a_random_baseline_matched_to_other_symmetry_settings_is_flagged():
+    rows = [_row("base", None, "clean", 0.0, range(190), role="clean")]
+    settings = {"members": 64, "eps": 0.5, "anchors": 32, "algebra": "gl", "seed": 0}
+
+    def status(matched: dict) -> str:
+        meta = {"symmetry": dict(settings), "random": {"matched_to": matched}}
+        checks = run_checks(rows, ["base"], {"base": (190, 200)}, models_meta=meta)
+        (c,) = [c for c in checks if c.check == "random baseline matched to the symmetry ensemble"]
+        return c.status
+
+    assert status(dict(settings)) == "passed"
+    assert status({**settings, "eps": 5.0}) == "warning"

@@ -130,6 +130,30 @@ def test_missing_files_name_the_searched_paths(tmp_path, monkeypatch):
     assert "--data-root" in str(err.value)
 
 
+def test_a_named_root_is_the_only_place_searched(tmp_path, monkeypatch):
+    # An empty --data-root does not quietly fall back to Debian's real Fashion-MNIST.
+    import training.datasets as ds
+
+    debian = tmp_path / "debian"
+    write_mnist_like(debian)
+    monkeypatch.setattr(ds, "FASHION_MNIST_DEBIAN", debian)
+    monkeypatch.delenv("ORBIT_DATA_ROOT", raising=False)
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(UserError, match="not found; searched .*mine") as err:
+        load_dataset("fashion-mnist", tmp_path / "mine")
+    assert str(debian) not in str(err.value)
+    assert len(load_dataset("fashion-mnist").test) > 0  # without a root, Debian's folder
+
+
+def test_the_four_idx_files_come_from_one_folder(tmp_path):
+    # A training pair in the root and a test pair elsewhere is refused, not mixed.
+    write_mnist_like(tmp_path / "MNIST" / "raw")
+    for name in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        (tmp_path / "MNIST" / "raw" / name).rename(tmp_path / name)
+    with pytest.raises(UserError, match="holds only some of the IDX files"):
+        load_dataset("mnist", tmp_path)
+
+
 def test_a_data_root_that_is_not_a_directory_is_named(tmp_path, monkeypatch):
     # No silent fallback to /usr/share/datasets when the folder the user named is a typo.
     with pytest.raises(UserError, match=r"--data-root .*nowhere is not a directory"):

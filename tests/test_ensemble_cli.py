@@ -79,11 +79,24 @@ def test_missing_run_is_a_user_error(tmp_path: Path, capsys, monkeypatch) -> Non
 
 
 def test_build_random_and_deep_baselines(run: RunLayout, capsys, monkeypatch) -> None:
+    # Matched to the run's symmetry ensemble: a flag that contradicts it is refused...
     code, out, err = orbit(capsys, monkeypatch, "build", "--run", run.root, "--method", "random",
-                           "--members", "8")  # fmt: skip
+                           "--eps", "0.3")  # fmt: skip
+    assert code == 2 and "differs from the symmetry ensemble" in err
+    assert not run.ensemble("random").exists()
+    # ...and without flags it takes that ensemble's settings and member distances.
+    code, out, err = orbit(capsys, monkeypatch, "build", "--run", run.root, "--method", "random")
     assert code == 0, err
     info = json.loads((run.ensemble("random") / DESCRIPTION).read_text())
+    sym = json.loads((run.ensemble("symmetry") / DESCRIPTION).read_text())
+    for key in ("members", "eps", "anchors", "algebra", "seed"):
+        assert info[key] == sym[key] == info["matched_to"][key]
     assert info["matched_to"]["mean_parameter_distance"] > 0
+    from safetensors.torch import load_file
+
+    d_sym = load_file(run.ensemble("symmetry") / TENSORS)["distance"]
+    d_rand = load_file(run.ensemble("random") / TENSORS)["distance"]
+    assert torch.allclose(d_rand.double(), d_sym.double(), rtol=1e-4)
 
     code, out, err = orbit(capsys, monkeypatch, "build", "--run", run.root, "--method", "deep",
                            "--members", "2")  # fmt: skip

@@ -334,6 +334,8 @@ def test_cli_landscape_writes_into_out(tmp_path: Path) -> None:
         (["landscape", "dynamics", "--lr", "0"], "--lr must be positive"),
         (["landscape", "distribution", "--widths", "4,x"], "--widths must be"),
         (["landscape", "sharpness", "--draws", "3"], "--draws does not apply"),
+        (["landscape", "distribution", "--widths", "8,40000"], "--widths 40000 is beyond"),
+        (["landscape", "dynamics", "--seed", str(2**70)], "--seed must be in"),
     ],
 )
 def test_cli_bad_input_is_one_line_exit_2(args: list[str], message: str) -> None:

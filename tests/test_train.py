@@ -47,6 +47,8 @@ def test_default_digits_cnn_reaches_95_percent_and_writes_loadable_artifacts(tmp
     assert info["data_fingerprint"] == digits.fingerprint()
     assert {"torch", "pytorch-lightning"} <= set(info["versions"])
     metrics = json.loads((out / "metrics.json").read_text())
+    # The conserved quantity of the leaky_relu slot at the end, and its drift from the start.
+    assert {"q_mean", "q_drift"} <= set(metrics) and 0 < metrics["q_drift"] < float("inf")
     loaded = load_model(out)
     acc, loss = evaluate_split(loaded.model, digits.test)
     assert acc == pytest.approx(metrics["test_accuracy"]) and acc == result.test_accuracy
@@ -112,6 +114,8 @@ def test_cli_adv_train_writes_the_adv_baseline(tmp_path):
         (["--strategy", "nope"], "Lightning refuses"),
         (["--seed", "-1"], "--seed"),
         (["--epochs", "abc"], "Invalid value for '--epochs'"),
+        (["--activation", "tanh", "--init-q", "1"], "has no linear symmetry"),
+        (["--activation", "swish"], "unknown activation 'swish'"),
         (["--bogus"], "No such option: --bogus"),
     ],
 )
@@ -133,6 +137,19 @@ def test_overwrite_that_fails_keeps_the_old_run(tmp_path, digits):
         train(TrainConfig(**config, overwrite=True, activation="linear", init_q=1.0), digits)
     after = {p.name: p.read_bytes() for p in (tmp_path / "base").iterdir() if p.is_file()}
     assert after == before
+
+
+def test_an_out_that_is_a_file_or_an_interrupted_overwrite_is_a_user_error(tmp_path, digits):
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    for out in (afile, afile / "base"):
+        with pytest.raises(UserError, match="is a file|which is a file"):
+            train(TrainConfig(out=out, model="mlp", epochs=1, progress=False), splits=digits)
+    assert afile.read_text() == "keep me"
+    (tmp_path / ".base.replaced").mkdir()  # what a SIGKILL during --overwrite leaves
+    with pytest.raises(UserError, match="interrupted --overwrite"):
+        train(TrainConfig(out=tmp_path / "base", overwrite=True, progress=False), splits=digits)
+    assert (tmp_path / ".base.replaced").is_dir() and not (tmp_path / "base").exists()
 
 
 def test_guarded_out_restores_the_old_run_or_leaves_nothing(tmp_path):

@@ -28,7 +28,7 @@ class TrainConfig:
     data_root: Path | None = None
     resume: bool = False
     overwrite: bool = False
-    accelerator: str = "cpu"
+    accelerator: str = "auto"
     devices: int = 1
     strategy: str = "auto"
     num_nodes: int = 1
@@ -40,6 +40,17 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        from training.datasets import DATASETS
+        from training.models import ACTIVATIONS, ARCHITECTURES
+
+        # Names first: a typo is reported before any data is loaded.
+        for flag, value, choices in (
+            ("dataset", self.dataset, DATASETS),
+            ("model", self.model, ARCHITECTURES),
+            ("activation", self.activation, ACTIVATIONS),
+        ):
+            if value not in choices:
+                raise UserError(f"unknown {flag} {value!r}; choose one of: {', '.join(choices)}")
         self.out = Path(self.out)
         if self.data_root is not None:
             self.data_root = Path(self.data_root)

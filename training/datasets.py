@@ -81,7 +81,8 @@ class DatasetSplits:
 
 
 def load_dataset(name: str, data_root: str | os.PathLike | None = None) -> DatasetSplits:
-    """Load dataset `name`; IDX/CIFAR files are looked up under data_root, then $ORBIT_DATA_ROOT."""
+    """Load dataset `name`; IDX/CIFAR files are looked up under data_root if given, else under
+    $ORBIT_DATA_ROOT if set, else (fashion-mnist only) in Debian's folder."""
     loaders: dict[str, Callable[[Path | None], DatasetSplits]] = {
         "digits": lambda _root: _load_digits(),
         "synthetic": lambda _root: _load_synthetic(),
@@ -171,9 +172,12 @@ _IDX_FOLDERS = {"fashion-mnist": "FashionMNIST", "mnist": "MNIST"}
 
 
 def _idx_search_dirs(name: str, root: Path | None) -> list[Path]:
-    roots = [root] if root is not None else []
-    if name == "fashion-mnist":
-        roots.append(FASHION_MNIST_DEBIAN)
+    """Folders that may hold the four IDX files: under the root the user named (--data-root or
+    $ORBIT_DATA_ROOT) and nowhere else; only without one, Debian's folder for fashion-mnist."""
+    if root is not None:
+        roots = [root]
+    else:
+        roots = [FASHION_MNIST_DEBIAN] if name == "fashion-mnist" else []
     dirs: list[Path] = []
     for r in roots:
         # the root itself, torchvision's layout (root/FashionMNIST/raw) and root/<dataset name>
@@ -181,12 +185,40 @@ def _idx_search_dirs(name: str, root: Path | None) -> list[Path]:
     return dirs
 
 
-def _find_idx(stem: str, dirs: list[Path]) -> Path | None:
-    for d in dirs:
-        for candidate in (d / stem, d / f"{stem}.gz"):
-            if candidate.is_file():
-                return candidate
+def _idx_file(stem: str, folder: Path) -> Path | None:
+    for candidate in (folder / stem, folder / f"{stem}.gz"):
+        if candidate.is_file():
+            return candidate
     return None
+
+
+def _find_idx_folder(name: str, dirs: list[Path]) -> dict[str, Path]:
+    """The four IDX files, all from the first folder that holds every one of them, so that a
+    training split is never scored on another folder's test split."""
+    stems = [stem for pair in _IDX_FILES.values() for stem in pair]
+    best: tuple[Path, list[str]] | None = None
+    for folder in dirs:
+        found = {stem: _idx_file(stem, folder) for stem in stems}
+        missing = [stem for stem, path in found.items() if path is None]
+        if not missing:
+            return found  # type: ignore[return-value]
+        if len(missing) < len(stems) and best is None:
+            best = (folder, missing)
+    if best is not None:
+        folder, missing = best
+        raise UserError(
+            f"{name}: {folder} holds only some of the IDX files (missing"
+            f" {', '.join(m + '[.gz]' for m in missing)}); put all four in one folder"
+        )
+    searched = ", ".join(str(d) for d in dirs) or "(no folder: no --data-root given)"
+    how = (
+        "install it with `apt-get install dataset-fashion-mnist` or pass --data-root DIR"
+        if name == "fashion-mnist"
+        else "pass --data-root DIR (or set ORBIT_DATA_ROOT) to a folder with the IDX files"
+    )
+    raise UserError(
+        f"{name}: IDX files {', '.join(stems)}[.gz] not found; searched {searched}; {how}"
+    )
 
 
 def _read_idx(path: Path, kind: str) -> torch.Tensor:
@@ -212,34 +244,22 @@ def _read_idx(path: Path, kind: str) -> torch.Tensor:
         ) from None
 
 
-def _load_idx_split(name: str, split: str, dirs: list[Path], root: Path | None) -> Split:
-    paths = []
-    for stem in _IDX_FILES[split]:
-        p = _find_idx(stem, dirs)
-        if p is None:
-            searched = ", ".join(str(d) for d in dirs) or "(no directory)"
-            how = (
-                "install it with `apt-get install dataset-fashion-mnist` or pass --data-root DIR"
-                if name == "fashion-mnist"
-                else "pass --data-root DIR (or set ORBIT_DATA_ROOT) to a folder with the IDX files"
-            )
-            raise UserError(f"{name}: {stem}[.gz] not found; searched {searched}; {how}")
-        paths.append(p)
-    images, labels = _read_idx(paths[0], "images"), _read_idx(paths[1], "labels")
+def _load_idx_split(name: str, images_path: Path, labels_path: Path) -> Split:
+    images, labels = _read_idx(images_path, "images"), _read_idx(labels_path, "labels")
     if images.shape[0] != labels.shape[0]:
         raise UserError(
-            f"{paths[0]} has {images.shape[0]} images but {paths[1]} has {labels.shape[0]} labels;"
-            " the files do not belong together"
+            f"{images_path} has {images.shape[0]} images but {labels_path} has"
+            f" {labels.shape[0]} labels; the files do not belong together"
         )
     if labels.numel() and (labels.min() < 0 or labels.max() > 9):
-        raise UserError(f"{paths[1]} holds labels outside 0..9; it is not an {name} label file")
+        raise UserError(f"{labels_path} holds labels outside 0..9; it is not an {name} label file")
     return Split(images.unsqueeze(1).float() / 255.0, labels)
 
 
 def _load_idx(name: str, root: Path | None) -> DatasetSplits:
-    dirs = _idx_search_dirs(name, root)
-    train = _load_idx_split(name, "train", dirs, root)
-    test = _load_idx_split(name, "test", dirs, root)
+    files = _find_idx_folder(name, _idx_search_dirs(name, root))
+    train = _load_idx_split(name, *(files[stem] for stem in _IDX_FILES["train"]))
+    test = _load_idx_split(name, *(files[stem] for stem in _IDX_FILES["test"]))
     if train.x.shape[1:] != test.x.shape[1:]:
         raise UserError(
             f"{name}: training images are {tuple(train.x.shape[2:])} but test images are"

@@ -60,9 +60,31 @@ def _holds_run(out: Path) -> bool:
     )
 
 
+def _aside(out: Path) -> Path:
+    """Where --overwrite keeps the old run until the new one is complete."""
+    return out.with_name(f".{out.name}.replaced")
+
+
+def _check_writable(out: Path) -> None:
+    """--out must be (or be creatable as) a directory we can write into."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a directory for the run")
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"--out {out} is under {existing}, which is a file; give another --out")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"--out {out}: {existing} is not writable; give a directory you can write")
+
+
 def _check_out(config: TrainConfig) -> Path | None:
     """Check the output directory (touching nothing); return the checkpoint to resume from."""
     out = config.out
+    _check_writable(out)
+    if _aside(out).exists():
+        raise UserError(
+            f"{_aside(out)} holds the run an interrupted --overwrite was replacing; move it back"
+            f" to {out} (or delete it), then train again"
+        )
     ckpt = out / CHECKPOINTS / "last.ckpt"
     if config.resume:
         if not ckpt.is_file():
@@ -108,7 +130,7 @@ def _guarded_out(out: Path, replace: bool) -> Iterator[None]:
     training fails it comes back. A fresh run that fails before its first checkpoint leaves
     nothing behind (one with a checkpoint stays, for --resume).
     """
-    aside = out.with_name(f".{out.name}.replaced")
+    aside = _aside(out)
     if replace:
         shutil.rmtree(aside, ignore_errors=True)
         os.replace(out, aside)
@@ -121,7 +143,7 @@ def _guarded_out(out: Path, replace: bool) -> Iterator[None]:
         elif not (out / CHECKPOINTS / "last.ckpt").is_file():
             for name in (RUN_CONFIG, CHECKPOINTS, "logs"):
                 shutil.rmtree(out / name, ignore_errors=True)
-                with contextlib.suppress(FileNotFoundError):
+                with contextlib.suppress(OSError):  # gone already, or never a file
                     (out / name).unlink()
             with contextlib.suppress(OSError):
                 out.rmdir()  # only if now empty

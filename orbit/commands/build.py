@@ -10,6 +10,33 @@ import typer
 from orbit.errors import UserError
 from orbit.layout import ENSEMBLE_METHODS, RunLayout
 
+MATCHED = ("members", "eps", "anchors", "algebra", "seed")
+
+
+def _match_symmetry(layout: RunLayout, given: dict) -> dict:
+    """The random baseline is matched, member by member, to the parameter distances of the
+    symmetry ensemble built with the same settings: take those of the run's symmetry ensemble
+    for every flag not given, and refuse a flag that contradicts it (the baseline would then
+    be matched to members nobody evaluates)."""
+    import json
+
+    path = layout.ensemble("symmetry") / "ensemble.json"
+    if not path.is_file():
+        return given
+    built = json.loads(path.read_text())
+    out = dict(given)
+    for key in MATCHED:
+        have = built.get(key)
+        if given[key] is None:
+            out[key] = have
+        elif have is not None and given[key] != have:
+            raise UserError(
+                f"--{key} {given[key]} differs from the symmetry ensemble in {path.parent}"
+                f" ({key} {have}), which the random baseline is matched to; leave --{key} out,"
+                " or rebuild the symmetry ensemble with it first"
+            )
+    return out
+
 
 def register(app: typer.Typer) -> None:
     @app.command("build")
@@ -23,8 +50,10 @@ def register(app: typer.Typer) -> None:
             None, help="Group step: g = expm(eps T) (default: 0.5, see ensemble/build.py)."
         ),
         anchors: int = typer.Option(None, help="Anchors k per member (default: hidden // 2)."),
-        algebra: str = typer.Option("gl", help="Lie algebra of T: gl | so | diag."),
-        seed: int = typer.Option(0, help="Seed of group elements, anchors and perturbations."),
+        algebra: str = typer.Option(None, help="Lie algebra of T: gl | so | diag (default gl)."),
+        seed: int = typer.Option(
+            None, help="Seed of group elements, anchors and perturbations (default 0)."
+        ),
         data_root: Path = typer.Option(
             None, help="Folder with the dataset files (default: the base model's)."
         ),
@@ -42,10 +71,14 @@ def register(app: typer.Typer) -> None:
         from training.artifacts import load_model
         from training.datasets import load_dataset
 
-        request = BuildRequest(
-            method=method, members=members, eps=eps, anchors=anchors, algebra=algebra, seed=seed
-        )
         layout = RunLayout.of(run)
+        given = {"members": members, "eps": eps, "anchors": anchors, "algebra": algebra}
+        given["seed"] = seed
+        if method == "random":
+            given = _match_symmetry(layout, given)
+        given["algebra"] = given["algebra"] or "gl"
+        given["seed"] = 0 if given["seed"] is None else given["seed"]
+        request = BuildRequest(method=method, **given)
         target = layout.ensemble(method)
         if target.exists() and any(target.iterdir()) and not overwrite:
             raise UserError(f"{target} already holds an ensemble; pass --overwrite to replace it")

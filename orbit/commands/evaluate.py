@@ -39,6 +39,9 @@ def load_models(layout: RunLayout, wanted: list[str] | None) -> tuple[list, Any]
         loaded = load_ensemble(path, base)
         meta = {"path": str(path), "method": method, "members": loaded.ensemble.num_members}
         meta["sha256"] = loaded.info.get("tensors_sha256")
+        for key in ("eps", "anchors", "algebra", "seed", "matched_to"):
+            if loaded.info.get(key) is not None:
+                meta[key] = loaded.info[key]
         models.append(EvalModel(method, loaded.ensemble, meta))
     if wanted is not None:
         unknown = [w for w in wanted if w not in {m.name for m in models}]

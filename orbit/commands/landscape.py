@@ -10,6 +10,7 @@ from orbit.errors import UserError
 
 DEFAULT_OUT = Path("runs") / "landscape"
 CHOICES = ("dynamics", "distribution", "convergence", "sharpness")
+MAX_WIDTH = 4096
 
 
 def _widths(text: str | None) -> tuple[int, ...] | None:
@@ -21,6 +22,11 @@ def _widths(text: str | None) -> tuple[int, ...] | None:
         raise UserError(f"--widths must be comma-separated integers, got {text!r}") from None
     if not widths or min(widths) <= 0:
         raise UserError(f"--widths must be positive integers, got {text!r}")
+    if max(widths) > MAX_WIDTH:
+        raise UserError(
+            f"--widths {max(widths)} is beyond {MAX_WIDTH}: these are small two-layer problems"
+            " (memory grows with the square of the width)"
+        )
     return widths
 
 
@@ -49,6 +55,8 @@ def register(app: typer.Typer) -> None:
             choices = ", ".join(CHOICES)
             raise UserError(f"unknown experiment {experiment!r}; choose one of: {choices}")
         _positive(steps=steps, lr=lr, draws=draws)
+        if not 0 <= seed < 2**32:
+            raise UserError(f"--seed must be in 0..2**32-1, got {seed}")
         from training.landscape import make_config, run_experiment
 
         config = make_config(

@@ -36,7 +36,9 @@ def register(app: typer.Typer) -> None:
         adv_train: str = typer.Option(None, help="'pgd': Madry-style adversarial training."),
         adv_eps: float = typer.Option(0.1, help="L-inf budget of --adv-train, in pixel units."),
         init_q: float = typer.Option(None, help="Set the slot's conserved quantity Q at init."),
-        accelerator: str = typer.Option("cpu", help="Lightning accelerator: cpu | gpu | auto."),
+        accelerator: str = typer.Option(
+            "auto", help="Lightning accelerator: auto (a GPU if there is one) | cpu | gpu."
+        ),
         devices: int = typer.Option(1, help="Processes/devices per node."),
         strategy: str = typer.Option("auto", help="Lightning strategy, e.g. ddp."),
         num_nodes: int = typer.Option(1, help="Number of nodes."),
