@@ -32,7 +32,7 @@ from attacks.config import EvalConfig
 from attacks.registry import build_attack, perturbation_norm, transfer_differs
 from attacks.stats import auroc, auroc_interval, encode_mask, mean_interval, wilson_interval
 from attacks.threats import UNBOUNDED_EPS, UNBOUNDED_STEPS, plan
-from ensemble.base import FusedEnsemble, summarize
+from ensemble.base import FusedEnsemble, MeanLogits, summarize
 from orbit.errors import UserError
 
 # Float slack when checking that an attack stayed inside its budget and the pixel box.
@@ -288,19 +288,22 @@ class SweepModule(pl.LightningModule):
         self, name: str, x: torch.Tensor, y: torch.Tensor, batch: int, transfer: bool = False
     ) -> tuple:
         """Adversarial inputs crafted on model `name` (its transfer version when `transfer`),
-        with out-of-budget ones reset to x."""
+        with out-of-budget ones reset to x.
+
+        White-box on an ensemble: the attack runs through the fused log-mean-probability and,
+        separately, through the mean member logit (MeanLogits); each input keeps the first that
+        fools the ensemble (the adaptive attacker tries both losses)."""
         job = self.job
         assert job is not None and job.attack is not None
-        seed = derive_seed(self.seed, job.role, job.attack, f"{job.eps:.10g}", name, batch)
-        torch.manual_seed(seed)
-        if torch.cuda.is_available():
-            torch.cuda.manual_seed_all(seed)
         model = self.nets[name]
-        attack = build_attack(
-            job.attack, model, job.eps, job.options, seed, self.num_classes, transfer=transfer
-        )
-        with torch.enable_grad():
-            adv = attack(x, y).detach()
+        adv = self._run_attack(model, name, x, y, batch, transfer)
+        if not transfer and name in self.ensembles and ATTACKS[job.attack].gradient:
+            resisted = model_outputs(model, adv).label == y
+            if bool(resisted.any()):
+                other = self._run_attack(MeanLogits(model), f"{name}/mean-logits", x, y, batch)
+                fooled = model_outputs(model, other).label != y
+                take = (resisted & fooled).view(-1, *[1] * (x.dim() - 1))
+                adv = torch.where(take, other, adv)
         info = ATTACKS[job.attack]
         size = perturbation_norm(adv - x, info.norm)
         outside = (size > job.eps * (1 + BUDGET_SLACK) + BUDGET_SLACK) | (
@@ -311,6 +314,28 @@ class SweepModule(pl.LightningModule):
         # leaving its budget is a bug that the sanity checks report.
         violations = int(outside.sum()) if info.bounded else 0
         return adv, violations
+
+    def _run_attack(
+        self,
+        model: nn.Module,
+        name: str,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        batch: int,
+        transfer: bool = False,
+    ) -> torch.Tensor:
+        """The job's attack on `model`, seeded by (seed, job, name, batch) in every process."""
+        job = self.job
+        assert job is not None and job.attack is not None
+        seed = derive_seed(self.seed, job.role, job.attack, f"{job.eps:.10g}", name, batch)
+        torch.manual_seed(seed)
+        if torch.cuda.is_available():
+            torch.cuda.manual_seed_all(seed)
+        attack = build_attack(
+            job.attack, model, job.eps, job.options, seed, self.num_classes, transfer=transfer
+        )
+        with torch.enable_grad():
+            return attack(x, y).detach()
 
     def test_step(self, batch: tuple, batch_idx: int) -> None:
         x, y, index = batch

@@ -18,6 +18,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from attacks.catalog import resolved_hyperparameters
@@ -33,6 +34,7 @@ from attacks.evaluate import (
 )
 from attacks.report import Report, write_report
 from attacks.sanity import run_checks
+from attacks.stats import wilson_interval
 from attacks.threats import plan, skipped_cells
 from orbit.errors import UserError
 
@@ -66,6 +68,36 @@ def _eps0_rows(clean_rows: list[dict], config: EvalConfig) -> list[dict]:
                  "from_clean": True}
             )  # fmt: skip
     return rows
+
+
+def worst_case_rows(rows: list[dict], models: list[str]) -> list[dict]:
+    """Per model and budget, the inputs that stayed correct under EVERY attack and threat model
+    run at that budget: the per-input worst case, the number an adaptive attacker who tries
+    them all achieves (at least), and the robustness a model can honestly claim."""
+    from attacks.stats import decode_mask, encode_mask
+
+    out: list[dict] = []
+    for m in models:
+        mine = [r for r in rows if r["model"] == m and r["role"] == "sweep" and r["eps"] > 0]
+        mine = [r for r in mine if not r.get("from_clean") and r["n"] > 0]
+        for norm, eps in sorted({(r["norm"], r["eps"]) for r in mine}):
+            cells = [r for r in mine if (r["norm"], r["eps"]) == (norm, eps)]
+            n = cells[0]["n"]
+            ok = np.ones(n, dtype=bool)
+            for r in cells:
+                ok &= decode_mask(r["correct_mask"], n)
+            k = int(ok.sum())
+            lo, hi = wilson_interval(k, n)
+            out.append(
+                {
+                    "role": "worst-case", "model": m, "attack": "worst-case", "threat": "any",
+                    "eps": eps, "norm": norm, "n": n, "correct": k, "accuracy": k / n,
+                    "ci95": [lo, hi], "agreement": None, "agreement_ci95": None,
+                    "over": [f"{r['attack']}/{r['threat']}" for r in cells],
+                    "correct_mask": encode_mask(np.arange(n), ok.astype(float)),
+                }
+            )  # fmt: skip
+    return out
 
 
 @contextlib.contextmanager
@@ -169,6 +201,7 @@ def evaluate(
         models_meta=report.models,
     )  # fmt: skip
     report.sanity = [c.to_json() for c in checks]
+    report.rows += worst_case_rows(report.rows, [m.name for m in models])
     report.status = "complete"
     report.seconds = round(time.perf_counter() - started, 2)
     from attacks.plots import write_plots

@@ -8,7 +8,9 @@ Schema `orbit.report/1`:
   models      name -> kind, source path, weights hash, members,
   rows        one per (model, attack, threat, eps): n, correct, accuracy, ci95 (Wilson),
               agreement, auroc_mi, auroc_mi_successful, budget_violations, role
-              (role "clean": no attack; "sweep": the grid; "sanity": the large-eps check),
+              (role "clean": no attack; "sweep": the grid; "sanity": the large-eps check;
+              "worst-case": per model and budget, the inputs right under every cell, with the
+              cells it is taken "over"),
   sanity      the checks of attacks/sanity.py (check, model, status, message, numbers).
 """
 
@@ -184,6 +186,25 @@ def render_markdown(report: Report) -> str:
                 for r in ens
             ]
         lines.append("")
+    worst = [r for r in report.rows if r["role"] == "worst-case"]
+    if worst:
+        lines += [
+            "## Worst case over every attack and threat model",
+            "",
+            "An input counts only if the model stayed right on it under every attack and threat"
+            " model run at that budget (the per-input worst case: what the model can claim).",
+            "",
+        ]
+        budgets = sorted({(r["norm"], r["eps"]) for r in worst})
+        lines += ["| model | " + " | ".join(f"{n} eps {e:g}" for n, e in budgets) + " |"]
+        lines += ["|---|" + "---|" * len(budgets)]
+        for m in models:
+            by = {(r["norm"], r["eps"]): r for r in worst if r["model"] == m}
+            if by:
+                cells = [_cell(by[b]) if b in by else "" for b in budgets]
+                lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        over = sorted({c for r in worst for c in r.get("over", [])})
+        lines += ["", f"Over: {', '.join(over)}.", ""]
     not_run = cfg.get("cells_not_run") or []
     if not_run:
         lines += ["## Not run", ""]

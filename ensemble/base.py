@@ -60,3 +60,17 @@ class FusedEnsemble(nn.Module):
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> Prediction:
         return summarize(self.member_logits(x))
+
+
+class MeanLogits(nn.Module):
+    """An ensemble seen through the mean of its members' logits: the second loss of the white-box
+    attacker. The log of the mean probability saturates where members disagree (its gradient
+    vanishes on inputs a few members still get right); the mean logit does not (Tramer et al.,
+    "On Adaptive Attacks to Adversarial Example Defenses", 2020)."""
+
+    def __init__(self, ensemble: FusedEnsemble) -> None:
+        super().__init__()
+        self.ensemble = ensemble
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ensemble.member_logits(x).mean(dim=0)

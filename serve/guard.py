@@ -8,6 +8,7 @@ that it pickles into kserve's worker processes when --workers > 1.
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import re
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -30,6 +31,9 @@ _REPOSITORY_PATH = re.compile(r"^/v2/repository(/|$)")
 _VERSION_PATH = re.compile(r"^/v2/models/[^/]+/versions(/|$)")
 # kserve's V1 explain route answers 501 without an explainer; this server has none.
 _EXPLAIN_PATH = re.compile(r"^/v1/models/[^/]+:explain/?$")
+# A client that stops sending halfway through its body would hold its connection (and up to
+# --max-body-bytes of buffer) forever: one that sends nothing for this long gets 408.
+BODY_IDLE_SECONDS = 30.0
 
 
 async def _answer(send: Send, status: int, message: str) -> None:
@@ -50,13 +54,21 @@ async def _answer(send: Send, status: int, message: str) -> None:
 class RequestGuard:
     """ASGI app: body-size cap for every request, envelope checks for V2 infer requests."""
 
-    def __init__(self, max_body_bytes: int, app: str = KSERVE_APP) -> None:
+    def __init__(
+        self,
+        max_body_bytes: int,
+        app: str = KSERVE_APP,
+        body_idle_seconds: float = BODY_IDLE_SECONDS,
+    ) -> None:
         self.max_body_bytes = max_body_bytes
         self.app_path = app
+        self.body_idle_seconds = body_idle_seconds
         self._app: Any = None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"max_body_bytes": self.max_body_bytes, "app_path": self.app_path, "_app": None}
+        state = dict(self.__dict__)
+        state["_app"] = None
+        return state
 
     def _inner(self) -> Any:
         if self._app is None:
@@ -82,7 +94,15 @@ class RequestGuard:
             return
         headers = {k.decode("latin1").lower(): v.decode("latin1") for k, v in scope["headers"]}
         is_infer = scope["method"] == "POST" and _INFER_PATH.match(scope["path"]) is not None
-        body, size, disconnected = await self._read_body(receive)
+        try:
+            body, size, disconnected = await self._read_body(receive)
+        except TimeoutError:
+            await _answer(
+                send,
+                408,
+                f"the request body stalled for {self.body_idle_seconds:g} s; send it whole",
+            )
+            return
         if body is None:
             if not disconnected:
                 await _answer(send, 413, self._too_large(size))
@@ -105,13 +125,14 @@ class RequestGuard:
         """(body or None past the cap, bytes seen, whether the client went away).
 
         A body past the cap is still read (and dropped), up to a hard limit, so that the client
-        is done sending and reads our 413 instead of a reset connection.
+        is done sending and reads our 413 instead of a reset connection. TimeoutError when the
+        client sends nothing for body_idle_seconds.
         """
         chunks: list[bytes] = []
         size = 0
         drain_limit = max(8 * self.max_body_bytes, 64 << 20)
         while True:
-            message = await receive()
+            message = await asyncio.wait_for(receive(), self.body_idle_seconds)
             if message["type"] == "http.disconnect":
                 return (b"".join(chunks) if size <= self.max_body_bytes else None), size, True
             chunk = message.get("body", b"")

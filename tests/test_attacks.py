@@ -368,3 +368,22 @@ def test_a_random_baseline_matched_to_other_symmetry_settings_is_flagged():
 
     assert status(dict(settings)) == "passed"
     assert status({**settings, "eps": 5.0}) == "warning"
+
+
+def test_worst_case_counts_only_inputs_right_under_every_attack_and_threat():
+    from attacks.pipeline import worst_case_rows
+
+    rows = [_row("ens", None, "clean", 0.0, range(190), role="clean")]
+    rows += [
+        {**_row("ens", "fgsm", "transfer", 0.1, range(0, 150)), "norm": "Linf"},
+        {**_row("ens", "pgd", "white-box", 0.1, range(50, 180)), "norm": "Linf"},
+        {**_row("ens", "pgd", "white-box", 0.2, range(100, 120)), "norm": "Linf"},
+        {**_row("ens", "pgd", "white-box", 0.0, range(190)), "norm": "Linf", "from_clean": True},
+    ]
+    worst = {r["eps"]: r for r in worst_case_rows(rows, ["ens"])}
+    assert set(worst) == {0.1, 0.2}  # eps 0 is the clean input, not an attack
+    assert worst[0.1]["correct"] == 100  # inputs 50..149: right under both cells
+    assert worst[0.1]["over"] == ["fgsm/transfer", "pgd/white-box"]
+    assert worst[0.2]["correct"] == 20 and worst[0.2]["n"] == 200
+    lo, hi = worst[0.1]["ci95"]
+    assert lo < 0.5 < hi

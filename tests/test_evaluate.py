@@ -251,3 +251,30 @@ def test_an_attack_that_repairs_a_mistake_does_not_count_as_robust():
     adv = Outputs(torch.tensor([0, 9, 2, 9]))  # the attack "repairs" input 2
     metric.update(torch.arange(4), y, clean, adv, 0)
     assert metric.compute()["correct"] == 1  # only input 0 is right both clean and attacked
+
+
+def test_white_box_on_an_ensemble_also_attacks_the_mean_member_logit(setup, monkeypatch):
+    # An attacker through the fused output that never moves the input, and one through the mean
+    # logit that does: each input the first one leaves right must come from the second.
+    from ensemble.base import MeanLogits
+
+    base, ens, x, y = setup
+    real = evaluate_mod.build_attack
+    seen = []
+
+    def only_mean_logits_moves(name, model, *args, **kwargs):  # noqa: ANN001, ANN202
+        seen.append(type(model).__name__)
+        attack = real(name, model, *args, **kwargs)
+        return attack if isinstance(model, MeanLogits) else (lambda images, labels: images)
+
+    monkeypatch.setattr(evaluate_mod, "build_attack", only_mean_logits_moves)
+    config = replace(CONFIG, threats=("white-box",), eps=(0.3,), sanity_attack=False)
+    models = [EvalModel("base", base), EvalModel("symmetry", ens)]
+    (result,) = [r for r in Sweep(models, x, y, 10, config).run() if r.job.attack == "pgd"]
+    with torch.no_grad():
+        clean = int((ens(x).argmax(-1) == y).sum())
+        base_clean = int((base(x).argmax(-1) == y).sum())
+    assert result.cells[("symmetry", "white-box")]["correct"] < clean  # mean-logit examples used
+    # A plain model has no second loss: its (unmoving) attack leaves it at clean accuracy.
+    assert result.cells[("base", "white-box")]["correct"] == base_clean
+    assert "MeanLogits" in seen

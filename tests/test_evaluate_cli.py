@@ -63,7 +63,9 @@ def test_evaluate_compares_base_and_ensemble_and_writes_the_report(run_dir, sing
     assert list(single["models"]) == ["base", "symmetry"]
     assert single["status"] == "complete"
     assert single["data"]["samples"] == 48 and single["data"]["dataset"] == "digits"
-    assert {r["threat"] for r in single["rows"]} == {"clean", "transfer", "white-box"}
+    assert {r["threat"] for r in single["rows"]} == {"clean", "transfer", "white-box", "any"}
+    worst = [r for r in single["rows"] if r["role"] == "worst-case"]
+    assert {(r["model"], r["eps"]) for r in worst} == {("base", 0.1), ("symmetry", 0.1)}
     report_dir = run_dir / "report"
     assert (report_dir / "report.md").is_file()
     assert (report_dir / "accuracy_pgd_white-box.png").stat().st_size > 0

@@ -317,6 +317,34 @@ def test_model_and_guard_survive_pickling_into_workers(model_path):
     assert guard.max_body_bytes == 4096 and guard._app is None
 
 
+def test_a_body_that_stalls_gets_408_and_the_app_never_sees_it():
+    import asyncio
+
+    reached = []
+
+    async def app(scope, receive, send):  # noqa: ANN001, ANN202
+        reached.append(scope["path"])
+
+    async def stalls():  # noqa: ANN202
+        if not stalls.sent:
+            stalls.sent = True
+            return {"type": "http.request", "body": b'{"inputs": [', "more_body": True}
+        await asyncio.sleep(3600)  # the rest never comes
+
+    stalls.sent = False
+    sent = []
+
+    async def send(message):  # noqa: ANN001, ANN202
+        sent.append(message)
+
+    guard = RequestGuard(4096, body_idle_seconds=0.2)
+    guard._app = app
+    scope = {"type": "http", "path": "/v2/models/orbit/infer", "method": "POST", "headers": []}
+    asyncio.run(asyncio.wait_for(guard(scope, stalls, send), 10))
+    assert sent[0]["status"] == 408 and b"stalled" in sent[1]["body"]
+    assert reached == []
+
+
 def test_build_refuses_bad_flags_and_busy_ports(model_path):
     import socket
 
@@ -326,6 +354,7 @@ def test_build_refuses_bad_flags_and_busy_ports(model_path):
         ({"max_batch": 0}, "--max-batch"),
         ({"name": "a/b"}, "--name"),
         ({"max_body_bytes": 10}, "--max-body-bytes"),
+        ({"intra_op_threads": -1}, "--threads"),
     ]:
         with pytest.raises(UserError, match=fragment):
             build(ServeConfig(model=model_path, **kwargs))

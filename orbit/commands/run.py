@@ -1,8 +1,9 @@
 """`orbit run`: chain train -> build -> evaluate -> export on one run directory.
 
 Each step is the same command a user can run alone (invoked in-process with the same flags), so
-`orbit run` adds no behaviour of its own: it only decides the order and skips steps whose output
-already exists unless --overwrite is given.
+`orbit run` adds no behaviour of its own: it only decides the order. Training and building are
+skipped when their output already exists (unless --overwrite); evaluate and export always run,
+since they are cheap next to training and take this call's flags (attacks, eps, ...).
 """
 
 from __future__ import annotations
