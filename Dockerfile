@@ -1,13 +1,14 @@
 # The orbit serving image: an exported model.onnx behind `orbit serve` (kserve's ModelServer over
 # onnxruntime, Open Inference / V2 REST on port 8080). Only the `serve` extra is installed: no torch.
 #
-#   docker build -t orbit-serve .
-#   docker run --rm -p 8080:8080 -v "$PWD/runs/demo/export:/models:ro" orbit-serve
+#   docker build -t orbit-serve:0.1.0 .     (the tag `orbit export --kserve` names by default)
+#   docker run --rm -p 8080:8080 -v "$PWD/runs/demo/export:/models:ro" orbit-serve:0.1.0
 #
 # To bake a model in instead of mounting it: a two-line Dockerfile
-#   FROM orbit-serve
+#   FROM orbit-serve:0.1.0
 #   COPY model.onnx /models/model.onnx
-# Arguments after the image name replace CMD, e.g. `... orbit-serve /models/base.onnx --host 0.0.0.0`.
+# Arguments after the image name replace CMD, e.g. `... orbit-serve:0.1.0 /models/base.onnx
+# --host 0.0.0.0 --threads 2` (--threads: onnxruntime's threads, set to the container's CPUs).
 
 FROM python:3.11.11-slim-bookworm AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1

@@ -83,6 +83,14 @@ def main() -> None:
         f" h = 64; onnxruntime {ort.__version__}, torch {torch.__version__};"
         f" threads {args.threads or 'default'}; {os.cpu_count()} CPUs, load {load_avg:.2f}"
     )
+    base_macs = multiply_adds(model, splits.test.x[:1])
+    h, classes = ensemble.hidden, splits.num_classes
+    head_macs = args.members * (h * h + h * classes)
+    print(
+        f"multiply-adds per image: base {base_macs:,}, ensemble {base_macs + head_macs:,}"
+        f" (+ N (h^2 + h C)): the arithmetic alone makes the ensemble"
+        f" {(base_macs + head_macs) / base_macs:.2f}x the base"
+    )
     for batch in (1, 64):
         x = splits.test.x[:batch]
         feed = {"pixels": x.numpy()}
@@ -107,6 +115,26 @@ def main() -> None:
             f"  PyTorch eager / ORT ensemble = {med['torch_ensemble'] / med['ort_ensemble']:.2f}x"
             f" ({low['torch_ensemble'] / low['ort_ensemble']:.2f}x on minima)"
         )
+
+
+def multiply_adds(model: torch.nn.Module, x: torch.Tensor) -> int:
+    """Multiply-adds of the Conv2d and Linear layers of `model` on one input x [1, ...]."""
+    total = 0
+
+    def count(module: torch.nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
+        nonlocal total
+        per_output = module.weight[0].numel()  # in_channels/groups * kernel, or in_features
+        total += output[0].numel() * per_output
+
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d | torch.nn.Linear)]
+    hooks = [m.register_forward_hook(count) for m in layers]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return total
 
 
 if __name__ == "__main__":

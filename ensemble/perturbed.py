@@ -11,7 +11,6 @@ import copy
 import math
 
 import torch
-from torch import nn
 
 from ensemble.base import FusedEnsemble
 from orbit.errors import UserError
@@ -55,8 +54,9 @@ class PerturbedEnsemble(FusedEnsemble):
         return self._head_ncb(self.trunk(self.normalize(x)))
 
     def _head_ncb(self, z: torch.Tensor) -> torch.Tensor:
-        a = self.act(nn.functional.linear(z, self.w1_flat, self.b1_flat))  # [B, N*h]
-        a = a.reshape(-1, self.num_members, self.hidden).permute(1, 2, 0)  # [N, h, B]
+        # [N*h, B], already [N, h, B] in memory (as in SymmetryEnsemble._head_ncb)
+        a = self.act(torch.addmm(self.b1_flat.unsqueeze(-1), self.w1_flat, z.T))
+        a = a.reshape(self.num_members, self.hidden, -1)
         return torch.matmul(self.w2, a) + self.b2.unsqueeze(-1)
 
     def member_logits(self, x: torch.Tensor) -> torch.Tensor:
