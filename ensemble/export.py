@@ -69,21 +69,23 @@ def summarize_ncb(logits: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """ensemble.base.summarize for member logits laid out [N, C, B] (classes before batch).
 
     Same quantities, in the layout where every reduction over classes or members runs over
-    contiguous batch-wide slabs (what onnxruntime is fastest at); softmax is spelled out so
-    one exp serves the probabilities, their mean and the entropies.
+    contiguous batch-wide slabs (what onnxruntime is fastest at), with as few passes over the
+    [N, C, B] tensor as the arithmetic allows: one exp serves the probabilities, their mean and
+    the entropies (H_n = log s_n - sum_c p_nc l_nc, with l the max-shifted logits), and a member
+    votes for `label` exactly when its shifted logit there is 0, its maximum (no second argmax).
     """
     n = logits.shape[0]
-    shifted = logits - logits.amax(dim=1, keepdim=True)  # [N, C, B]
+    shifted = logits - logits.amax(dim=1, keepdim=True)  # [N, C, B], max 0 per member and input
     e = shifted.exp()
     s = e.sum(dim=1, keepdim=True)  # [N, 1, B]
     p = e / s
     mean_p = p.sum(dim=0, keepdim=True) / n  # [1, C, B]
     label = mean_p.argmax(dim=1)  # [1, B]
-    votes = logits.argmax(dim=1)  # [N, B]
-    agreement = (votes == label).to(torch.float32).sum(dim=0) / n
+    at_label = torch.gather(shifted, 1, label.unsqueeze(0).expand(n, 1, -1))  # [N, 1, B]
+    agreement = (at_label >= 0).to(torch.float32).sum(dim=0).squeeze(0) / n
     entropy_of_mean = -(mean_p * mean_p.clamp_min(_TINY).log()).sum(dim=1).squeeze(0)  # [B]
-    log_p = shifted - s.log()  # one log per member and input, not per class
-    mean_entropy = -(p * log_p).sum(dim=1).sum(dim=0) / n  # [B]
+    member_entropy = s.log().squeeze(1) - (p * shifted).sum(dim=1)  # [N, B]
+    mean_entropy = member_entropy.sum(dim=0) / n
     if n == 1:  # an ensemble of one: exactly 0 by definition (not a rounding residue)
         mutual_info = torch.zeros_like(mean_entropy)
     else:
