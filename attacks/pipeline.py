@@ -34,7 +34,7 @@ from attacks.evaluate import (
 )
 from attacks.report import Report, write_report
 from attacks.sanity import run_checks
-from attacks.stats import wilson_interval
+from attacks.stats import decode_mask, encode_mask, wilson_interval
 from attacks.threats import plan, skipped_cells
 from orbit.errors import UserError
 
@@ -74,8 +74,6 @@ def worst_case_rows(rows: list[dict], models: list[str]) -> list[dict]:
     """Per model and budget, the inputs that stayed correct under EVERY attack and threat model
     run at that budget: the per-input worst case, the number an adaptive attacker who tries
     them all achieves (at least), and the robustness a model can honestly claim."""
-    from attacks.stats import decode_mask, encode_mask
-
     out: list[dict] = []
     for m in models:
         mine = [r for r in rows if r["model"] == m and r["role"] == "sweep" and r["eps"] > 0]

@@ -23,6 +23,24 @@ def _save(fig, path: Path) -> None:  # noqa: ANN001
     atomic.write_bytes(path, buf.getvalue())
 
 
+def _line(ax, model: str, rows: list[dict], what: str) -> None:  # noqa: ANN001
+    """One model's `what` against eps, with its Wilson 95% band for accuracy."""
+    eps = [r["eps"] for r in rows]
+    (line,) = ax.plot(eps, [r[what] for r in rows], marker="o", label=model)
+    if what == "accuracy":
+        lo, hi = [r["ci95"][0] for r in rows], [r["ci95"][1] for r in rows]
+        ax.fill_between(eps, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
+
+
+def _finish(ax, unit: str, ylabel: str, title: str) -> None:  # noqa: ANN001
+    ax.set_xlabel(f"eps ({unit}, pixel units)")
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
 def write_plots(report: Report, out_dir: str | Path) -> list[Path]:
     """Accuracy vs eps per (attack, threat), one line per model with its Wilson 95% band, and
     ensemble agreement vs eps. Returns the files written; stale figures are removed."""
@@ -43,24 +61,14 @@ def write_plots(report: Report, out_dir: str | Path) -> list[Path]:
             for m in models:
                 mine = sorted((r for r in rows if r["model"] == m), key=lambda r: r["eps"])
                 mine = [r for r in mine if r[what] is not None]
-                if not mine:
-                    continue
-                eps = [r["eps"] for r in mine]
-                (line,) = ax.plot(eps, [r[what] for r in mine], marker="o", label=m)
-                if what == "accuracy":
-                    lo = [r["ci95"][0] for r in mine]
-                    hi = [r["ci95"][1] for r in mine]
-                    ax.fill_between(eps, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
-                drew = True
+                if mine:
+                    _line(ax, m, mine, what)
+                    drew = True
             if not drew:
                 plt.close(fig)
                 continue
-            ax.set_xlabel(f"eps ({unit}, pixel units)")
-            ax.set_ylabel(what if what == "accuracy" else "mean member agreement")
-            ax.set_ylim(-0.02, 1.02)
-            ax.set_title(f"{attack}, {threat}")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
+            ylabel = what if what == "accuracy" else "mean member agreement"
+            _finish(ax, unit, ylabel, f"{attack}, {threat}")
             path = out / f"{what}_{_slug(attack)}_{_slug(threat)}.png"
             _save(fig, path)
             plt.close(fig)
@@ -89,17 +97,9 @@ def _worst_case_plots(report: Report, out: Path, plt) -> list[Path]:  # noqa: AN
                 continue
             if m in clean:
                 mine = [{**clean[m], "eps": 0.0}, *mine]
-            eps = [r["eps"] for r in mine]
-            (line,) = ax.plot(eps, [r["accuracy"] for r in mine], marker="o", label=m)
-            lo, hi = [r["ci95"][0] for r in mine], [r["ci95"][1] for r in mine]
-            ax.fill_between(eps, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
+            _line(ax, m, mine, "accuracy")
         unit = "L2" if norm == "L2" else "L-inf"
-        ax.set_xlabel(f"eps ({unit}, pixel units)")
-        ax.set_ylabel("accuracy")
-        ax.set_ylim(-0.02, 1.02)
-        ax.set_title("worst case over every attack and threat model")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        _finish(ax, unit, "accuracy", "worst case over every attack and threat model")
         path = out / f"accuracy_worst-case_{_slug(unit)}.png"
         _save(fig, path)
         plt.close(fig)

@@ -17,6 +17,7 @@ from typing import Any
 from attacks.catalog import ATTACKS, AUTOATTACK_ITERATIONS, AttackOptions
 from attacks.stats import decode_mask, sign_test
 from attacks.threats import UNBOUNDED_EPS, UNBOUNDED_STEPS
+from ensemble.build import MATCHED_SETTINGS
 
 # "A should fool at least as many inputs as B" is tested on the same inputs (paired): the
 # one-sided exact sign test on the inputs only one of them fooled, at family-wise level ALPHA
@@ -157,9 +158,6 @@ def _iterations(options: AttackOptions, attacks: list[str]) -> Check:
             " published attack, so its accuracies overstate robustness", {"steps": steps},
         )  # fmt: skip
     return Check(name, "(config)", PASSED, f"{AUTOATTACK_ITERATIONS} iterations", {"steps": steps})
-
-
-MATCHED_SETTINGS = ("members", "eps", "anchors", "algebra", "seed")
 
 
 def _matched(meta: dict[str, dict[str, Any]]) -> Check:

@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 # points) and members agree with the base on >= 90% of test inputs, on both models.
 DEFAULT_EPS = 0.5
 DEFAULT_MEMBERS = {"symmetry": 64, "random": 64, "deep": 5}
+# The settings of the symmetry build a random baseline is matched to (recorded in `matched_to`).
+MATCHED_SETTINGS = ("members", "eps", "anchors", "algebra", "seed")
 FIDELITY_STEPS = 3  # train, val, test
 
 Progress = Callable[[str], None]  # called once per finished step, with what comes next
@@ -212,7 +214,7 @@ def _orbit(
     distance = perturbed_distance(ensemble, base.model)
     info["matched_to"] = {
         "method": "symmetry",
-        **{key: info[key] for key in ("members", "eps", "anchors", "algebra", "seed")},
+        **{key: info[key] for key in MATCHED_SETTINGS},
         "mean_parameter_distance": float(sym.distance.mean()),
         "note": "member n is a Gaussian direction scaled to symmetry member n's distance",
     }

@@ -284,7 +284,7 @@ def build_symmetry(
         )
     for note in notes:
         warnings.warn(note, stacklevel=2)
-    ensemble = SymmetryEnsemble(base, g, u)
+    ensemble = trial  # built from the final g and u: no member changed after it
     return SymmetryBuild(
         ensemble, g, u, idx, condition, residual, error, redraws, distance, notes, max_condition
     )

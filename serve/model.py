@@ -76,8 +76,8 @@ class OrbitOnnxModel(Model):
         # as one line at start-up, not as a 500 on the first request.
         quiet = ort.RunOptions()
         quiet.log_severity_level = 4  # a failure is reported once, by us, as one line
+        mid = 0.5 * sum(info.value_range)
         for batch in (1, 2):
-            mid = 0.5 * sum(info.value_range)
             warm = np.full((batch, *info.input_shape), mid, dtype=np.float32)
             try:
                 got = session.run(list(metadata.OUTPUTS), {metadata.INPUT: warm}, quiet)

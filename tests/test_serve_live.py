@@ -165,6 +165,15 @@ def test_server_listens_on_loopback_only_and_never_loaded_torch(server):
     assert "libtorch" not in maps
 
 
+def _fresh_python(code: str) -> subprocess.CompletedProcess:
+    """`code` run by a new interpreter in the repository; it must exit 0."""
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    return out
+
+
 def test_serve_imports_without_torch_in_a_fresh_interpreter():
     # The serving image ships only orbit/ and serve/ (see .dockerignore) and no torch: make every
     # other package of ours, and torch, unimportable, as they are in the image.
@@ -182,10 +191,7 @@ def test_serve_imports_without_torch_in_a_fresh_interpreter():
         "    assert e.code in (0, None), e.code\n"
         "print('TORCH-LOADED' if sys.modules.get('torch') is not None else 'NO-TORCH')\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120
-    )
-    assert out.returncode == 0, out.stderr
+    out = _fresh_python(code)
     assert "--max-batch" in out.stdout  # the help text was printed
     assert out.stdout.strip().endswith("NO-TORCH")
 
@@ -200,10 +206,7 @@ def test_serve_does_not_load_torch_even_where_torch_is_installed():
         "ours = ('torch', 'ensemble', 'training', 'attacks')\n"
         "print(sorted(m for m in ours if m in sys.modules))\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120
-    )
-    assert out.returncode == 0, out.stderr
+    out = _fresh_python(code)
     assert importlib.util.find_spec("torch") is not None  # so the check below means something
     assert out.stdout.strip() == "[]"
 

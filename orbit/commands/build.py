@@ -10,8 +10,6 @@ import typer
 from orbit.errors import UserError
 from orbit.layout import ENSEMBLE_METHODS, RunLayout
 
-MATCHED = ("members", "eps", "anchors", "algebra", "seed")
-
 
 def _match_symmetry(layout: RunLayout, given: dict) -> dict:
     """The random baseline is matched, member by member, to the parameter distances of the
@@ -20,12 +18,14 @@ def _match_symmetry(layout: RunLayout, given: dict) -> dict:
     be matched to members nobody evaluates)."""
     import json
 
+    from ensemble.build import MATCHED_SETTINGS
+
     path = layout.ensemble("symmetry") / "ensemble.json"
     if not path.is_file():
         return given
     built = json.loads(path.read_text())
     out = dict(given)
-    for key in MATCHED:
+    for key in MATCHED_SETTINGS:
         have = built.get(key)
         if given[key] is None:
             out[key] = have
@@ -72,8 +72,7 @@ def register(app: typer.Typer) -> None:
         from training.datasets import load_dataset
 
         layout = RunLayout.of(run)
-        given = {"members": members, "eps": eps, "anchors": anchors, "algebra": algebra}
-        given["seed"] = seed
+        given = dict(members=members, eps=eps, anchors=anchors, algebra=algebra, seed=seed)
         if method == "random":
             given = _match_symmetry(layout, given)
         given["algebra"] = given["algebra"] or "gl"

@@ -21,6 +21,7 @@ def load_models(layout: RunLayout, wanted: list[str] | None) -> tuple[list, Any]
     """The run's models as EvalModels (base first), and the base's LoadedModel."""
     from attacks.evaluate import EvalModel
     from ensemble.artifacts import load_ensemble
+    from ensemble.build import MATCHED_SETTINGS
     from training.artifacts import load_model
 
     if not (layout.base / "model.json").is_file():
@@ -39,7 +40,7 @@ def load_models(layout: RunLayout, wanted: list[str] | None) -> tuple[list, Any]
         loaded = load_ensemble(path, base)
         meta = {"path": str(path), "method": method, "members": loaded.ensemble.num_members}
         meta["sha256"] = loaded.info.get("tensors_sha256")
-        for key in ("eps", "anchors", "algebra", "seed", "matched_to"):
+        for key in (*MATCHED_SETTINGS, "matched_to"):
             if loaded.info.get(key) is not None:
                 meta[key] = loaded.info[key]
         models.append(EvalModel(method, loaded.ensemble, meta))
